@@ -1,0 +1,1 @@
+"""Training scripts: ``minimal`` (the seed's smoke test)."""

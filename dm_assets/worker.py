@@ -1,0 +1,326 @@
+"""Train models and store their outputs: the seed's ``worker`` command, plus many indices per
+process.
+
+    python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
+        [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [SCRIPT ARGUMENTS ...]
+    python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
+
+For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
+returned ``{key: value}`` against the store's spec, and writes the row (see
+:mod:`dm_assets.store` for the write protocol). Every argument that is not a ``--worker.*``
+option reaches the script untouched: it is left in ``sys.argv``, and when the script declares
+fastargs sections they are filled from it as the seed's worker does.
+
+Exit status: 0 when every index was trained or skipped as already completed; 1 when any index
+failed (an exception, or values that do not fit the spec); 124 when every failure was a
+timeout; 2 for a usage error. A failed index is never marked completed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Literal
+
+from dm_assets.cli import EXIT_FAILED, EXIT_USAGE, add_flag, configure_logging, make_parser, run
+from dm_assets.rows import RowError
+from dm_assets.store import Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+EXIT_TIMEOUT = 124
+# After a timeout the script gets this long to unwind before the process is ended outright
+# (a script blocked inside C code never sees the timeout exception).
+HARD_KILL_GRACE_SECONDS = 30.0
+
+Routine = Callable[..., Mapping[str, object]]
+Status = Literal["trained", "skipped", "failed", "timeout"]
+
+
+class JobTimeout(BaseException):  # noqa: N818 - BaseException so `except Exception` can't eat it
+    """Raised inside the training script when its index exceeds the job timeout."""
+
+
+@dataclass(frozen=True)
+class IndexOutcome:
+    """What happened to one model index."""
+
+    index: int
+    status: Status
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class WorkerReport:
+    """Outcomes of a run over many indices, in the order they ran."""
+
+    outcomes: list[IndexOutcome] = field(default_factory=list)
+
+    def _with(self, *statuses: Status) -> list[int]:
+        return [o.index for o in self.outcomes if o.status in statuses]
+
+    @property
+    def trained(self) -> list[int]:
+        return self._with("trained")
+
+    @property
+    def skipped(self) -> list[int]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices that failed for any reason, timeouts included."""
+        return self._with("failed", "timeout")
+
+    @property
+    def exit_code(self) -> int:
+        failures = [o for o in self.outcomes if o.status in ("failed", "timeout")]
+        if not failures:
+            return 0
+        if all(o.status == "timeout" for o in failures):
+            return EXIT_TIMEOUT
+        return EXIT_FAILED
+
+    def summary(self) -> str:
+        parts = [f"{len(self.trained)} trained", f"{len(self.skipped)} skipped (completed)",
+                 f"{len(self.failed)} failed"]
+        text = ", ".join(parts)
+        if self.failed:
+            text += f": indices {self.failed}"
+        return text
+
+
+def parse_indices(text: str) -> list[int]:
+    """``"0-9,12,20-22"`` (inclusive ranges, as SLURM's --array) as a list of indices.
+
+    Order is kept and repeats are dropped. Raises ``ValueError`` naming the bad part.
+    """
+    indices: list[int] = []
+    seen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                first_text, last_text = part.split("-", 1)
+                first, last = int(first_text), int(last_text)
+                if first > last:
+                    raise ValueError
+                span: Iterable[int] = range(first, last + 1)
+            else:
+                span = (int(part),)
+        except ValueError:
+            raise ValueError(
+                f"bad index list part {part!r} in {text!r}: use e.g. 0-99,120,130-139"
+            ) from None
+        for i in span:
+            if i not in seen:
+                seen.add(i)
+                indices.append(i)
+    return indices
+
+
+def load_routine(main_import: str) -> Routine:
+    """``MODULE.main`` for ``main_import``; the current directory is importable, as in the seed."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(main_import)
+    routine = getattr(module, "main", None)
+    if not callable(routine):
+        raise StoreError(
+            f"module {main_import!r} has no callable main(index, logdir); define one that "
+            "returns {key: value} for the spec's keys"
+        )
+    return routine
+
+
+def collect_fastargs_arguments() -> None:
+    """Fill the script's fastargs sections from ``sys.argv``, as the seed's worker does."""
+    if "fastargs" not in sys.modules:
+        return
+    from argparse import ArgumentParser
+
+    from fastargs import get_current_config
+
+    config = get_current_config()
+    parser = ArgumentParser(allow_abbrev=False)
+    config.augment_argparse(parser)
+    args, _ = parser.parse_known_args()
+    for fname in getattr(args, "config_file", None) or []:
+        config.collect_config_file(fname)
+    config.collect(vars(args))
+    config.collect_env_variables()
+    config.validate(mode="stderr")
+
+
+class _Deadline:
+    """SIGALRM-based timeout for one call, with a watchdog that ends the process if ignored."""
+
+    def __init__(self, seconds: float | None, index: int, grace: float) -> None:
+        self.seconds, self.index, self.grace = seconds, index, grace
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None
+        self._watchdog: threading.Timer | None = None
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        raise JobTimeout(f"model index {self.index} exceeded the job timeout of {self.seconds} s")
+
+    def _hard_exit(self) -> None:
+        sys.stderr.write(
+            f"worker: model index {self.index} ignored its timeout of {self.seconds} s for "
+            f"{self.grace} s more; ending the process (exit {EXIT_TIMEOUT}), index incomplete\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_TIMEOUT)
+
+    def __enter__(self) -> _Deadline:
+        if self.seconds is None:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("job_timeout needs the main thread (it uses SIGALRM)")
+        self._previous = signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self._watchdog = threading.Timer(self.seconds + self.grace, self._hard_exit)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds is None:
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)  # type: ignore[arg-type]
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+
+def train_index(
+    store: Store,
+    routine: Routine,
+    index: int,
+    *,
+    do_if_complete: bool = False,
+    job_timeout: float | None = None,
+    hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
+    command: str | None = None,
+) -> IndexOutcome:
+    """Train model ``index`` with ``routine`` and store its row; never raises for its failures."""
+    start = time.perf_counter()
+
+    def outcome(status: Status, message: str = "") -> IndexOutcome:
+        return IndexOutcome(index, status, time.perf_counter() - start, message)
+
+    if not do_if_complete and store.is_completed(index):
+        logger.info("index %d already completed, skipping (use --worker.do_if_complete to redo)",
+                    index)
+        return outcome("skipped", "already completed")
+    logdir = store.worker_dir(index)
+    try:
+        with _Deadline(job_timeout, index, hard_kill_grace):
+            values = routine(index=index, logdir=str(logdir))
+    except JobTimeout as exc:
+        logger.error("index %d: %s; not stored", index, exc)
+        return outcome("timeout", str(exc))
+    except Exception as exc:  # the script's failure is this index's failure, not the worker's
+        logger.exception("index %d: main() raised %s; not stored", index, type(exc).__name__)
+        return outcome("failed", f"main() raised {type(exc).__name__}: {exc}")
+    try:
+        store.write_row(index, values, overwrite=do_if_complete)
+    except RowError as exc:
+        logger.error("index %d: %s", index, exc)
+        return outcome("failed", str(exc))
+    if command is not None:
+        store.log_command(command)
+    result = outcome("trained")
+    logger.info("index %d: trained and stored in %.2f s", index, result.seconds)
+    return result
+
+
+def run_indices(
+    store: Store,
+    routine: Routine,
+    indices: Iterable[int],
+    *,
+    do_if_complete: bool = False,
+    job_timeout: float | None = None,
+    hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
+    command: str | None = None,
+) -> WorkerReport:
+    """Train every index in turn in this process; a failed index does not stop the others."""
+    report = WorkerReport()
+    for index in indices:
+        report.outcomes.append(
+            train_index(store, routine, index, do_if_complete=do_if_complete,
+                        job_timeout=job_timeout, hard_kill_grace=hard_kill_grace,
+                        command=command)
+        )
+    return report
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(
+        "python -m dm_assets.worker",
+        "Train models with a script's main(index, logdir) and store their outputs. "
+        "Arguments other than --worker.* are passed to the script.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--worker.index", dest="index", type=int, help="model index to train")
+    which.add_argument("--worker.indices", dest="indices",
+                       help="indices to train in this one process, e.g. 0-99,120,130-139")
+    parser.add_argument("--worker.main_import", dest="main_import", required=True,
+                        help="module whose main(index=, logdir=) trains one model")
+    parser.add_argument("--worker.logdir", dest="logdir", required=True, help="store directory")
+    add_flag(parser, "--worker.do_if_complete", "train and overwrite even completed indices")
+    parser.add_argument("--worker.job_timeout", dest="job_timeout", type=_positive_float,
+                        default=None, help="seconds allowed per index (default: no limit)")
+    args, passthrough = parser.parse_known_args(argv)
+    ours = [a for a in passthrough if a.startswith("--worker.")]
+    if ours:
+        parser.error(f"unknown worker option(s) {ours}; see --help")
+    try:
+        indices = [args.index] if args.index is not None else parse_indices(args.indices)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging()
+    store = Store.open(args.logdir)
+    bad = [i for i in indices if not 0 <= i < store.spec.num_models]
+    if bad:
+        parser.error(
+            f"indices {bad[:10]} are outside the store's range [0, {store.spec.num_models})"
+        )
+    command = " ".join(["python -m dm_assets.worker", *argv])
+    # The script sees its own arguments only, as if it had been run directly with them.
+    sys.argv = [args.main_import, *passthrough]
+    routine = load_routine(args.main_import)
+    collect_fastargs_arguments()
+    with store:
+        report = run_indices(store, routine, indices, do_if_complete=args.do_if_complete,
+                             job_timeout=args.job_timeout, command=command)
+    logger.info("worker done: %s", report.summary())
+    if report.exit_code and len(indices) > 1:
+        for o in report.outcomes:
+            if o.status in ("failed", "timeout"):
+                logger.error("index %d %s: %s", o.index, o.status, o.message.splitlines()[0])
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    run(main)
+
+__all__ = ["EXIT_USAGE", "IndexOutcome", "WorkerReport", "main", "parse_indices", "run_indices",
+           "train_index"]
