@@ -86,7 +86,8 @@ def coerce_value(key: str, value: object, spec: ArraySpec) -> tuple[np.ndarray |
                 )
     elif dst == "f" and src == "c":
         return None, f"key {key!r}: {received}: complex values do not go into a float array"
-    cast = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+        cast = arr.astype(spec.dtype, order="C", copy=False)
     if dst in "fc" and cast.size and not np.isfinite(cast).all():
         return None, (
             f"key {key!r}: {received} whose values overflow {spec.dtype.name} "

@@ -21,8 +21,15 @@ for pkg in "${DEB_PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  log=$(mktemp)
+  if ! { "${sudo_cmd[@]}" apt-get update -qq &&
+         "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "setup: apt-get failed (log above); install ${missing[*]} and rerun" >&2
+    exit 1
+  fi
+  rm -f "$log"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -33,12 +40,13 @@ fi
 stamp="$VENV/.dm_assets-installed"
 if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing pinned dependencies (first run builds FFCV from source: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1
-  # numpy, torch and Cython first: FFCV's setup.py imports them while building.
-  "$VENV/bin/python" -m pip install -q -c requirements.lock numpy torch Cython pkgconfig
-  "$VENV/bin/python" -m pip install -q --no-build-isolation -c requirements.lock ffcv
-  "$VENV/bin/python" -m pip install -q -r requirements.lock
-  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  pipi() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
+  # FFCV builds from source against what is already installed (numpy, torch, Cython).
+  pipi setuptools==84.2.1 -c requirements.lock numpy torch Cython pkgconfig
+  pipi --no-build-isolation -c requirements.lock ffcv
+  pipi -r requirements.lock
+  pipi --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi
 "$VENV/bin/python" -c "import dm_assets, numpy, torch, ffcv, dagster, mlflow" \
