@@ -37,8 +37,13 @@ def add_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     """A boolean option usable bare (``--a.b``) or with a value (``--a.b=0``); its dest is the
     part after the last dot (``--worker.do_if_complete`` -> ``do_if_complete``)."""
     parser.add_argument(
-        name, dest=name.lstrip("-").rsplit(".", 1)[-1], nargs="?", const=True, default=False,
-        type=parse_bool, help=help,
+        name,
+        dest=name.lstrip("-").rsplit(".", 1)[-1],
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_bool,
+        help=help,
     )
 
 

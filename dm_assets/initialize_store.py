@@ -19,12 +19,22 @@ from dm_assets.store import Store
 logger = logging.getLogger(__name__)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m dm_assets.initialize_store") -> int:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m dm_assets.initialize_store"
+) -> int:
     parser = make_parser(prog, "Create (or reopen) a datamodels store from a spec JSON file.")
-    parser.add_argument("--logging.logdir", dest="logdir", required=True,
-                        help="store directory (created if missing)")
-    parser.add_argument("--logging.spec", dest="spec", required=True,
-                        help='spec JSON: {"num_models": N, "schema": {KEY: {"shape", "dtype"}}}')
+    parser.add_argument(
+        "--logging.logdir",
+        dest="logdir",
+        required=True,
+        help="store directory (created if missing)",
+    )
+    parser.add_argument(
+        "--logging.spec",
+        dest="spec",
+        required=True,
+        help='spec JSON: {"num_models": N, "schema": {KEY: {"shape", "dtype"}}}',
+    )
     args = parser.parse_args(argv)
     configure_logging()
     spec = Spec.load(args.spec)
@@ -32,8 +42,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m dm_assets.ini
         status = store.status()
         logger.info("store ready at %s: %s", store.path, status)
         for key, entry in spec.schema.items():
-            logger.info("  %s.npy: shape %s dtype %s", key,
-                        [spec.num_models, *entry.shape], entry.dtype.name)
+            logger.info(
+                "  %s.npy: shape %s dtype %s",
+                key,
+                [spec.num_models, *entry.shape],
+                entry.dtype.name,
+            )
     return 0
 
 

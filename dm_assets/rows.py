@@ -32,7 +32,7 @@ class RowError(ValueError):
 def _to_numpy(value: object) -> np.ndarray:
     # torch tensors (possibly on a GPU, possibly requiring grad) without importing torch here
     if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
-        value = value.detach().cpu().numpy()  # type: ignore[attr-defined]
+        value = value.detach().cpu().numpy()
     return np.asarray(value)
 
 
@@ -106,8 +106,10 @@ def coerce_row(
     """
     if not isinstance(values, Mapping):
         raise RowError(
-            [f"main() must return a dict {{key: array}} for keys {list(schema)}; "
-             f"got {type(values).__name__}"],
+            [
+                f"main() must return a dict {{key: array}} for keys {list(schema)}; "
+                f"got {type(values).__name__}"
+            ],
             index,
         )
     problems: list[str] = []

@@ -140,7 +140,9 @@ class Spec:
                 '"schema": {"margins": {"shape": [10], "dtype": "float16"}}'
             )
         elif not isinstance(raw_schema, Mapping):
-            problems.append(f"'schema' must be an object mapping keys to arrays; got {raw_schema!r}")
+            problems.append(
+                f"'schema' must be an object mapping keys to arrays; got {raw_schema!r}"
+            )
         else:
             if not raw_schema:
                 problems.append("'schema' is empty: add at least one output key")
@@ -177,7 +179,9 @@ class Spec:
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def differences(self, other: Spec, *, mine: str = "store", theirs: str = "new spec") -> list[str]:
+    def differences(
+        self, other: Spec, *, mine: str = "store", theirs: str = "new spec"
+    ) -> list[str]:
         """Human-readable differences between two specs; empty when they describe the same store."""
         diffs: list[str] = []
         if self.num_models != other.num_models:
@@ -210,7 +214,7 @@ def _parse_entry(key: object, entry: object, problems: list[str]) -> ArraySpec |
         ok = False
     if not isinstance(entry, Mapping):
         problems.append(
-            f"key {key!r}: must be an object like {{\"shape\": [10], \"dtype\": \"float16\"}}; "
+            f'key {key!r}: must be an object like {{"shape": [10], "dtype": "float16"}}; '
             f"got {entry!r}"
         )
         return None
@@ -229,7 +233,7 @@ def _parse_entry(key: object, entry: object, problems: list[str]) -> ArraySpec |
         ok = False
     dtype: np.dtype | None = None
     if "dtype" not in entry:
-        problems.append(f"key {key!r}: missing 'dtype': add e.g. \"dtype\": \"float16\"")
+        problems.append(f'key {key!r}: missing \'dtype\': add e.g. "dtype": "float16"')
         ok = False
     else:
         try:

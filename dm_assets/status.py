@@ -23,11 +23,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Store.open(args.logdir) as store:
         status = store.status()
     if args.json:
-        print(json.dumps({
-            "num_models": status.num_models,
-            "completed": status.completed,
-            "missing_ranges": [list(r) for r in status.missing_ranges],
-        }))
+        print(
+            json.dumps(
+                {
+                    "num_models": status.num_models,
+                    "completed": status.completed,
+                    "missing_ranges": [list(r) for r in status.missing_ranges],
+                }
+            )
+        )
     else:
         print(status)
     return 1 if args.require_complete and status.completed < status.num_models else 0

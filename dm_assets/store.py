@@ -258,9 +258,7 @@ class Store:
                             f"spec needs shape {[spec.num_models, *entry.shape]} "
                             f"dtype {entry.dtype.name}"
                         )
-            stray = sorted(
-                p.stem for p in path.glob("*.npy") if p.stem not in wanted
-            )
+            stray = sorted(p.stem for p in path.glob("*.npy") if p.stem not in wanted)
             if stray:
                 diffs.append(f"arrays {stray} are in the store but not in the spec")
             if diffs:
@@ -289,10 +287,7 @@ class Store:
                 f"--logging.logdir={path} --logging.spec=SPEC.json`"
             )
         spec_path = path / SPEC_FILE
-        if spec_path.exists():
-            spec = cls._load_spec_file(spec_path)
-        else:
-            spec = cls._infer_spec(path)
+        spec = cls._load_spec_file(spec_path) if spec_path.exists() else cls._infer_spec(path)
         files: dict[str, _ArrayFile] = {}
         entries = dict(spec.schema)
         entries[COMPLETED_KEY] = _COMPLETED_SPEC
@@ -351,11 +346,16 @@ class Store:
 
     def _set_completed(self, index: int, value: bool) -> None:
         fd = self._fd(COMPLETED_KEY)
-        _pwrite_all(fd, memoryview(b"\x01" if value else b"\x00"),
-                    self._files[COMPLETED_KEY].row_offset(index))
+        _pwrite_all(
+            fd,
+            memoryview(b"\x01" if value else b"\x00"),
+            self._files[COMPLETED_KEY].row_offset(index),
+        )
         os.fsync(fd)
 
-    def write_row(self, index: int, values: Mapping[str, object], *, overwrite: bool = False) -> None:
+    def write_row(
+        self, index: int, values: Mapping[str, object], *, overwrite: bool = False
+    ) -> None:
         """Store model ``index``'s returned ``values`` (one per schema key), then mark it done.
 
         ``values`` is checked in full first (see :func:`dm_assets.rows.coerce_row`); on any
@@ -377,7 +377,7 @@ class Store:
             if arr.nbytes == 0:
                 continue
             fd = self._fd(key)
-            _pwrite_all(fd, memoryview(arr).cast("B"), self._files[key].row_offset(index))
+            _pwrite_all(fd, arr.data.cast("B"), self._files[key].row_offset(index))
             touched.append(fd)
         for fd in touched:
             os.fsync(fd)
@@ -457,6 +457,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r}, num_models={self.spec.num_models}, " \
+        return (
+            f"Store({str(self.path)!r}, num_models={self.spec.num_models}, "
             f"keys={list(self.spec.schema)})"
-
+        )

@@ -2,7 +2,8 @@
 process.
 
     python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
-        [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [SCRIPT ARGUMENTS ...]
+        [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [--worker.kill_grace=SECONDS]
+        [SCRIPT ARGUMENTS ...]
     python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
 
 For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -45,7 +47,7 @@ Routine = Callable[..., Mapping[str, object]]
 Status = Literal["trained", "skipped", "failed", "timeout"]
 
 
-class JobTimeout(BaseException):  # noqa: N818 - BaseException so `except Exception` can't eat it
+class JobTimeout(BaseException):
     """Raised inside the training script when its index exceeds the job timeout."""
 
 
@@ -91,8 +93,11 @@ class WorkerReport:
         return EXIT_FAILED
 
     def summary(self) -> str:
-        parts = [f"{len(self.trained)} trained", f"{len(self.skipped)} skipped (completed)",
-                 f"{len(self.failed)} failed"]
+        parts = [
+            f"{len(self.trained)} trained",
+            f"{len(self.skipped)} skipped (completed)",
+            f"{len(self.failed)} failed",
+        ]
         text = ", ".join(parts)
         if self.failed:
             text += f": indices {self.failed}"
@@ -107,20 +112,12 @@ def parse_indices(text: str) -> list[int]:
     indices: list[int] = []
     seen: set[int] = set()
     for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                first_text, last_text = part.split("-", 1)
-                first, last = int(first_text), int(last_text)
-                if first > last:
-                    raise ValueError
-                span: Iterable[int] = range(first, last + 1)
-            else:
-                span = (int(part),)
-        except ValueError:
-            raise ValueError(
-                f"bad index list part {part!r} in {text!r}: use e.g. 0-99,120,130-139"
-            ) from None
+        match = re.fullmatch(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*", part)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ValueError(f"bad index list part {part!r} in {text!r}: use e.g. 0-99,120,130-139")
+        first = int(match[1])
+        last = first if match[2] is None else int(match[2])
+        span = range(first, last + 1)
         for i in span:
             if i not in seen:
                 seen.add(i)
@@ -142,8 +139,16 @@ def load_routine(main_import: str) -> Routine:
     return routine
 
 
+class ScriptArgumentsError(ValueError):
+    """The script's own (fastargs) arguments are missing or invalid."""
+
+
 def collect_fastargs_arguments() -> None:
-    """Fill the script's fastargs sections from ``sys.argv``, as the seed's worker does."""
+    """Fill the script's fastargs sections from ``sys.argv``, as the seed's worker does.
+
+    Raises :class:`ScriptArgumentsError` naming every missing or invalid parameter (fastargs'
+    own ``validate(mode="stderr")`` would exit 0, making a failed job look successful).
+    """
     if "fastargs" not in sys.modules:
         return
     from argparse import ArgumentParser
@@ -158,7 +163,16 @@ def collect_fastargs_arguments() -> None:
         config.collect_config_file(fname)
     config.collect(vars(args))
     config.collect_env_variables()
-    config.validate(mode="stderr")
+    errors = config.validate(mode="errordict") or {}
+    if errors:
+        lines = [
+            f"--{'.'.join(path)}: {type(err).__name__} {err}".rstrip()
+            for path, err in errors.items()
+        ]
+        raise ScriptArgumentsError(
+            "the training script's arguments are missing or invalid; pass them after the "
+            "--worker.* options:\n" + "\n".join(f"  - {line}" for line in lines)
+        )
 
 
 class _Deadline:
@@ -196,7 +210,7 @@ class _Deadline:
         if self.seconds is None:
             return
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)  # type: ignore[arg-type]
+        signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
         if self._watchdog is not None:
             self._watchdog.cancel()
 
@@ -218,8 +232,9 @@ def train_index(
         return IndexOutcome(index, status, time.perf_counter() - start, message)
 
     if not do_if_complete and store.is_completed(index):
-        logger.info("index %d already completed, skipping (use --worker.do_if_complete to redo)",
-                    index)
+        logger.info(
+            "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
+        )
         return outcome("skipped", "already completed")
     logdir = store.worker_dir(index)
     try:
@@ -231,6 +246,11 @@ def train_index(
     except Exception as exc:  # the script's failure is this index's failure, not the worker's
         logger.exception("index %d: main() raised %s; not stored", index, type(exc).__name__)
         return outcome("failed", f"main() raised {type(exc).__name__}: {exc}")
+    except SystemExit as exc:  # e.g. fastargs' validate(mode="stderr") exits 0 on bad arguments
+        logger.error(
+            "index %d: main() called sys.exit(%r) instead of returning; not stored", index, exc.code
+        )
+        return outcome("failed", f"main() called sys.exit({exc.code!r})")
     try:
         store.write_row(index, values, overwrite=do_if_complete)
     except RowError as exc:
@@ -257,9 +277,15 @@ def run_indices(
     report = WorkerReport()
     for index in indices:
         report.outcomes.append(
-            train_index(store, routine, index, do_if_complete=do_if_complete,
-                        job_timeout=job_timeout, hard_kill_grace=hard_kill_grace,
-                        command=command)
+            train_index(
+                store,
+                routine,
+                index,
+                do_if_complete=do_if_complete,
+                job_timeout=job_timeout,
+                hard_kill_grace=hard_kill_grace,
+                command=command,
+            )
         )
     return report
 
@@ -280,14 +306,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--worker.index", dest="index", type=int, help="model index to train")
-    which.add_argument("--worker.indices", dest="indices",
-                       help="indices to train in this one process, e.g. 0-99,120,130-139")
-    parser.add_argument("--worker.main_import", dest="main_import", required=True,
-                        help="module whose main(index=, logdir=) trains one model")
+    which.add_argument(
+        "--worker.indices",
+        dest="indices",
+        help="indices to train in this one process, e.g. 0-99,120,130-139",
+    )
+    parser.add_argument(
+        "--worker.main_import",
+        dest="main_import",
+        required=True,
+        help="module whose main(index=, logdir=) trains one model",
+    )
     parser.add_argument("--worker.logdir", dest="logdir", required=True, help="store directory")
     add_flag(parser, "--worker.do_if_complete", "train and overwrite even completed indices")
-    parser.add_argument("--worker.job_timeout", dest="job_timeout", type=_positive_float,
-                        default=None, help="seconds allowed per index (default: no limit)")
+    parser.add_argument(
+        "--worker.job_timeout",
+        dest="job_timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds allowed per index (default: no limit)",
+    )
+    parser.add_argument(
+        "--worker.kill_grace",
+        dest="kill_grace",
+        type=_positive_float,
+        default=HARD_KILL_GRACE_SECONDS,
+        help="seconds a timed-out script gets to unwind before the process is "
+        f"ended with exit {EXIT_TIMEOUT} (default {HARD_KILL_GRACE_SECONDS:g})",
+    )
     args, passthrough = parser.parse_known_args(argv)
     ours = [a for a in passthrough if a.startswith("--worker.")]
     if ours:
@@ -307,10 +353,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The script sees its own arguments only, as if it had been run directly with them.
     sys.argv = [args.main_import, *passthrough]
     routine = load_routine(args.main_import)
-    collect_fastargs_arguments()
+    try:
+        collect_fastargs_arguments()
+    except ScriptArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     with store:
-        report = run_indices(store, routine, indices, do_if_complete=args.do_if_complete,
-                             job_timeout=args.job_timeout, command=command)
+        report = run_indices(
+            store,
+            routine,
+            indices,
+            do_if_complete=args.do_if_complete,
+            job_timeout=args.job_timeout,
+            hard_kill_grace=args.kill_grace,
+            command=command,
+        )
     logger.info("worker done: %s", report.summary())
     if report.exit_code and len(indices) > 1:
         for o in report.outcomes:
@@ -322,5 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     run(main)
 
-__all__ = ["EXIT_USAGE", "IndexOutcome", "WorkerReport", "main", "parse_indices", "run_indices",
-           "train_index"]
+__all__ = [
+    "EXIT_USAGE",
+    "IndexOutcome",
+    "WorkerReport",
+    "main",
+    "parse_indices",
+    "run_indices",
+    "train_index",
+]

@@ -21,12 +21,17 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_module(module: str, *args: str, timeout: float = 120, cwd: Path | None = None,
-               check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_module(
+    module: str, *args: str, timeout: float = 120, cwd: Path | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """``python -m module args...`` from the repository root, output captured."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd or REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or REPO_ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

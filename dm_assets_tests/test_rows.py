@@ -9,12 +9,17 @@ import torch
 from dm_assets.rows import RowError, coerce_row, coerce_value
 from dm_assets.spec import ArraySpec, Spec
 
-SCHEMA = Spec.from_dict({"num_models": 5, "schema": {
-    "masks": {"shape": [6], "dtype": "bool_"},
-    "margins": {"shape": [3], "dtype": "float16"},
-    "counts": {"shape": [2], "dtype": "uint8"},
-    "loss": {"shape": [], "dtype": "float32"},
-}}).schema
+SCHEMA = Spec.from_dict(
+    {
+        "num_models": 5,
+        "schema": {
+            "masks": {"shape": [6], "dtype": "bool_"},
+            "margins": {"shape": [3], "dtype": "float16"},
+            "counts": {"shape": [2], "dtype": "uint8"},
+            "loss": {"shape": [], "dtype": "float32"},
+        },
+    }
+).schema
 
 
 def good() -> dict[str, object]:

@@ -24,23 +24,38 @@ def test_seed_spec_parses() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("bool_", np.bool_), ("bool", np.bool_), ("uint8", np.uint8), ("float16", np.float16),
-     ("float32", np.float32), ("int64", np.int64), ("complex64", np.complex64)],
+    [
+        ("bool_", np.bool_),
+        ("bool", np.bool_),
+        ("uint8", np.uint8),
+        ("float16", np.float16),
+        ("float32", np.float32),
+        ("int64", np.int64),
+        ("complex64", np.complex64),
+    ],
 )
 def test_seed_dtype_names(name: str, expected: type) -> None:
     assert parse_dtype(name) == np.dtype(expected)
 
 
-@pytest.mark.parametrize("name", ["object_", "str_", "bytes_", "void", "float128x", "", "ndarray",
-                                  "sum", 3])
+@pytest.mark.parametrize(
+    "name", ["object_", "str_", "bytes_", "void", "float128x", "", "ndarray", "sum", 3]
+)
 def test_bad_dtypes_rejected(name: object) -> None:
     with pytest.raises(ValueError, match="numpy type name"):
         parse_dtype(name)
 
 
 def test_scalar_and_empty_shapes_allowed() -> None:
-    spec = Spec.from_dict({"num_models": 3, "schema": {"loss": {"shape": [], "dtype": "float32"},
-                                                       "none": {"shape": [0], "dtype": "uint8"}}})
+    spec = Spec.from_dict(
+        {
+            "num_models": 3,
+            "schema": {
+                "loss": {"shape": [], "dtype": "float32"},
+                "none": {"shape": [0], "dtype": "uint8"},
+            },
+        }
+    )
     assert spec.schema["loss"].shape == ()
     assert spec.schema["none"].row_nbytes == 0
 
@@ -70,11 +85,21 @@ def test_every_problem_reported_at_once() -> None:
     text = str(info.value)
     assert "my_spec.json" in text
     assert len(problems) == 13, problems
-    for needle in ["'num_models' must be a positive integer", "'../escape'", "'a/b'",
-                   "schema key '' is empty", "reserved for the store's completion flags",
-                   "'_private' starts with '_'", "'shape_str'", "'shape_neg'", "'shape_float'",
-                   "'no_shape': missing 'shape'", "'no_dtype': missing 'dtype'", "'obj'",
-                   "unknown field(s) ['dtpye']"]:
+    for needle in [
+        "'num_models' must be a positive integer",
+        "'../escape'",
+        "'a/b'",
+        "schema key '' is empty",
+        "reserved for the store's completion flags",
+        "'_private' starts with '_'",
+        "'shape_str'",
+        "'shape_neg'",
+        "'shape_float'",
+        "'no_shape': missing 'shape'",
+        "'no_dtype': missing 'dtype'",
+        "'obj'",
+        "unknown field(s) ['dtpye']",
+    ]:
         assert needle in text, needle
 
 
@@ -84,7 +109,10 @@ def test_every_problem_reported_at_once() -> None:
         ({"schema": {"x": {"shape": [], "dtype": "uint8"}}}, "missing 'num_models'"),
         ({"num_models": 3}, "missing 'schema'"),
         ({}, "missing 'num_models'"),
-        ({"num_models": True, "schema": {"x": {"shape": [], "dtype": "uint8"}}}, "positive integer"),
+        (
+            {"num_models": True, "schema": {"x": {"shape": [], "dtype": "uint8"}}},
+            "positive integer",
+        ),
         ({"num_models": 2.0, "schema": {"x": {"shape": [], "dtype": "uint8"}}}, "positive integer"),
         ({"num_models": 0, "schema": {"x": {"shape": [], "dtype": "uint8"}}}, "positive integer"),
         ({"num_models": 2, "schema": {}}, "'schema' is empty"),
@@ -92,8 +120,10 @@ def test_every_problem_reported_at_once() -> None:
         ({"num_models": 2, "schema": {"x": [1]}}, "key 'x': must be an object"),
         ({"num_models": 2, "schema": {"x": {"shape": [True], "dtype": "uint8"}}}, "non-negative"),
         ([1, 2], "must be a JSON object"),
-        ({"num_models": 2, "schema": {"x": {"shape": [], "dtype": "uint8"}}, "extra": 1},
-         "unknown top-level field"),
+        (
+            {"num_models": 2, "schema": {"x": {"shape": [], "dtype": "uint8"}}, "extra": 1},
+            "unknown top-level field",
+        ),
     ],
 )
 def test_single_problems(doc: object, needle: str) -> None:
@@ -102,8 +132,9 @@ def test_single_problems(doc: object, needle: str) -> None:
     assert needle in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["..", ".", ".hidden", "a\\b", "a\x00b", "x..y", "tab\there",
-                                 "k" * 300])
+@pytest.mark.parametrize(
+    "key", ["..", ".", ".hidden", "a\\b", "a\x00b", "x..y", "tab\there", "k" * 300]
+)
 def test_unsafe_keys(key: str) -> None:
     assert key_problem(key) is not None
 
@@ -129,9 +160,15 @@ def test_round_trip_and_differences(tmp_path: Path) -> None:
     again = Spec.load(path)
     assert again == spec
     assert json.loads(path.read_text()) == SEED_MINIMAL
-    other = Spec.from_dict({"num_models": 11, "schema": {
-        "random_numbers": {"dtype": "uint16", "shape": [256]},
-        "extra": {"dtype": "bool_", "shape": []}}})
+    other = Spec.from_dict(
+        {
+            "num_models": 11,
+            "schema": {
+                "random_numbers": {"dtype": "uint16", "shape": [256]},
+                "extra": {"dtype": "bool_", "shape": []},
+            },
+        }
+    )
     diffs = spec.differences(other)
     assert len(diffs) == 3
     assert any("num_models: store has 10, new spec has 11" in d for d in diffs)

@@ -20,11 +20,16 @@ from dm_assets.store import (
     index_ranges,
 )
 
-SPEC = Spec.from_dict({"num_models": 12, "schema": {
-    "masks": {"shape": [5], "dtype": "bool_"},
-    "margins": {"shape": [3], "dtype": "float16"},
-    "loss": {"shape": [], "dtype": "float32"},
-}})
+SPEC = Spec.from_dict(
+    {
+        "num_models": 12,
+        "schema": {
+            "masks": {"shape": [5], "dtype": "bool_"},
+            "margins": {"shape": [3], "dtype": "float16"},
+            "loss": {"shape": [], "dtype": "float32"},
+        },
+    }
+)
 
 
 def row(i: int) -> dict[str, np.ndarray]:
@@ -43,8 +48,14 @@ def test_files_are_seed_compatible(tmp_path: Path) -> None:
     with Store.initialize(tmp_path / "s", SPEC) as store:
         store.write_row(3, row(3))
     s = tmp_path / "s"
-    assert {p.name for p in s.iterdir()} >= {"masks.npy", "margins.npy", "loss.npy",
-                                             "_completed.npy", "spec.json", "workers"}
+    assert {p.name for p in s.iterdir()} >= {
+        "masks.npy",
+        "margins.npy",
+        "loss.npy",
+        "_completed.npy",
+        "spec.json",
+        "workers",
+    }
     masks = np.load(s / "masks.npy", mmap_mode="r")
     assert masks.shape == (12, 5) and masks.dtype == np.bool_
     margins = np.load(s / "margins.npy", mmap_mode="r")
@@ -113,12 +124,14 @@ def _make_seed_store(path: Path, spec: Spec) -> None:
     """A store as the seed's initialize_store makes it: open_memmap, no spec.json."""
     path.mkdir()
     for key, entry in spec.schema.items():
-        m = np.lib.format.open_memmap(path / f"{key}.npy", mode="w+", dtype=entry.dtype,
-                                      shape=(spec.num_models, *entry.shape))
+        m = np.lib.format.open_memmap(
+            path / f"{key}.npy", mode="w+", dtype=entry.dtype, shape=(spec.num_models, *entry.shape)
+        )
         m.flush()
         del m
-    m = np.lib.format.open_memmap(path / "_completed.npy", mode="w+", dtype=bool,
-                                  shape=(spec.num_models,))
+    m = np.lib.format.open_memmap(
+        path / "_completed.npy", mode="w+", dtype=bool, shape=(spec.num_models,)
+    )
     m.flush()
     del m
 
@@ -161,7 +174,9 @@ def test_seed_store_with_other_spec_refused(tmp_path: Path) -> None:
     assert not (seed / "spec.json").exists()
 
 
-def test_interrupted_initialization_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_initialization_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = store_module._create_sparse_npy
     calls = []
 
@@ -176,7 +191,7 @@ def test_interrupted_initialization_completes(tmp_path: Path, monkeypatch: pytes
         Store.initialize(tmp_path, SPEC)
     assert not (tmp_path / "spec.json").exists()
     assert not list(tmp_path.glob(".*.tmp-*"))
-    with pytest.raises(StoreError, match="no store|missing"):
+    with pytest.raises(StoreError, match=r"no store at"):
         Store.open(tmp_path)
     monkeypatch.setattr(store_module, "_create_sparse_npy", real)
     with Store.initialize(tmp_path, SPEC) as store:
@@ -184,16 +199,23 @@ def test_interrupted_initialization_completes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_paper_scale_store_is_sparse(tmp_path: Path) -> None:
-    spec = Spec.from_dict({"num_models": 300_000, "schema": {
-        "masks": {"shape": [50_000], "dtype": "bool_"},
-        "margins": {"shape": [10_000], "dtype": "float16"}}})
+    spec = Spec.from_dict(
+        {
+            "num_models": 300_000,
+            "schema": {
+                "masks": {"shape": [50_000], "dtype": "bool_"},
+                "margins": {"shape": [10_000], "dtype": "float16"},
+            },
+        }
+    )
     with Store.initialize(tmp_path, spec) as store:
         masks = tmp_path / "masks.npy"
         assert masks.stat().st_size > 15e9
         allocated = sum(p.stat().st_blocks * 512 for p in tmp_path.glob("*.npy"))
         assert allocated < 10e6, f"{allocated} bytes allocated: creation wrote zeros"
-        store.write_row(299_999, {"masks": np.ones(50_000, bool),
-                                  "margins": np.full(10_000, 1.5, np.float16)})
+        store.write_row(
+            299_999, {"masks": np.ones(50_000, bool), "margins": np.full(10_000, 1.5, np.float16)}
+        )
         assert store.status().missing_ranges == ((0, 299_998),)
     m = np.load(tmp_path / "margins.npy", mmap_mode="r")
     assert m.shape == (300_000, 10_000) and float(m[299_999, -1]) == 1.5
@@ -248,8 +270,9 @@ class _Recorder:
         monkeypatch.setattr(store_module.os, "fsync", fsync)
 
 
-def test_flag_written_only_after_data_is_durable(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flag_written_only_after_data_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with Store.initialize(tmp_path, SPEC) as store:
         rec = _Recorder(monkeypatch)
         store.write_row(5, row(5))
@@ -272,8 +295,9 @@ def test_flag_written_only_after_data_is_durable(tmp_path: Path,
         assert kinds[-2:] == [("pwrite", "_completed.npy"), ("fsync", "_completed.npy")]
 
 
-def test_crash_before_flag_leaves_index_incomplete(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_before_flag_leaves_index_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with Store.initialize(tmp_path, SPEC) as store:
         store.write_row(2, row(2))
         real_fsync = os.fsync
@@ -303,7 +327,7 @@ def test_corrupt_or_missing_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="truncated or corrupt"):
         Store.open(tmp_path)
     (tmp_path / "margins.npy").unlink()
-    with pytest.raises(StoreError, match="margins.npy is missing"):
+    with pytest.raises(StoreError, match=r"margins\.npy is missing"):
         Store.open(tmp_path)
     with pytest.raises(StoreError, match="no store at"):
         Store.open(tmp_path / "elsewhere")
@@ -315,8 +339,9 @@ def test_corrupt_or_missing_files_are_reported(tmp_path: Path) -> None:
 def test_status_and_ranges() -> None:
     assert index_ranges(np.array([5, 1, 2, 3, 9, 10, 7])) == ((1, 3), (5, 5), (7, 7), (9, 10))
     assert index_ranges(np.array([], dtype=int)) == ()
-    status = StoreStatus(num_models=100, completed=80,
-                         missing_ranges=tuple((i, i) for i in range(0, 40, 2)))
+    status = StoreStatus(
+        num_models=100, completed=80, missing_ranges=tuple((i, i) for i in range(0, 40, 2))
+    )
     assert status.fraction_completed == 0.8
     assert status.format_missing(limit=3) == "0, 2, 4, ... (17 more ranges)"
     assert "80/100 models completed (80.0%)" in str(status)
