@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 
-PAYLOAD = 1 << 18  # float64: 2 MiB per row, so a kill often lands mid-write
+PAYLOAD = 1 << 19  # float64: 4 MiB per row, so a kill often lands mid-write
 TAIL = 4093  # uint8, an odd size so rows straddle pages
 
 

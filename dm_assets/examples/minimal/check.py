@@ -26,7 +26,7 @@ def check(logdir: str, multiple: int) -> list[str]:
             problems.append(f"not every model completed: {status}")
         rows = np.load(f"{logdir}/random_numbers.npy", mmap_mode="r")
         expected = np.full(256, multiple, dtype=np.uint8)
-        wrong = [i for i in store.completed_indices() if not (rows[i] == expected).all()]
+        wrong = [int(i) for i in store.completed_indices() if not (rows[i] == expected).all()]
         if wrong:
             problems.append(f"rows {wrong} are not 256 copies of {multiple}")
     return problems
