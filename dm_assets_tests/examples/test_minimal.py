@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_minimal_example_end_to_end(tmp_path: Path, init_module: str) -> None:
             for i in (first, first + 1)
         ]
         for proc in procs:
-            out, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err.decode()
     proc = run_module(
         "dm_assets.examples.minimal.check",
@@ -103,7 +104,7 @@ def test_minimal_script_without_its_argument_fails_loudly(tmp_path: Path) -> Non
     assert "trainer.multiple" in proc.stdout + proc.stderr
 
 
-def test_initialize_errors(tmp_path: Path, write_spec) -> None:  # noqa: ANN001
+def test_initialize_errors(tmp_path: Path, write_spec: Callable[[dict], Path]) -> None:
     bad = write_spec({"num_models": 0, "schema": {"../x": {"shape": [1], "dtype": "objectx"}}})
     proc = run_module(
         "dm_assets.initialize_store", f"--logging.logdir={tmp_path / 's'}", f"--logging.spec={bad}"

@@ -1,0 +1,31 @@
+# dm_assets: `make demo` runs the main job end to end, `make test` runs every check CI runs.
+# Both set up everything first (Debian packages, .venv, pinned dependencies) when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@PY=$(PY) scripts/run_minimal.sh
+
+test: setup lint typecheck unit
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+unit:
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/store_bench.py
+
+clean:
+	rm -rf .dm .pytest_cache .mypy_cache .ruff_cache
