@@ -10,16 +10,18 @@ VENV=${VENV:-.venv}
 DEB_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev)
 
 sudo_cmd=()
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then sudo_cmd=(sudo); else
-    echo "setup: not root and no sudo; install ${DEB_PACKAGES[*]} by hand" >&2; fi
-fi
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "${#sudo_cmd[@]}" -gt 0 ] && ! command -v sudo >/dev/null 2>&1; then
+    echo "setup: Debian packages ${missing[*]} are missing, and installing them needs root:" >&2
+    echo "  run 'apt-get install ${missing[*]}' as root (or install sudo), then rerun" >&2
+    exit 1
+  fi
   echo "setup: installing Debian packages: ${missing[*]}"
   log=$(mktemp)
   if ! { "${sudo_cmd[@]}" apt-get update -qq &&
