@@ -35,13 +35,16 @@ What is measured (every number is taken for both ways in the same run, on the sa
 
 How to read the ratios: every ratio is **ours / seed**. For seconds and bytes, below 1 means ours
 is faster or smaller; for rows/s, above 1 means ours is faster. Each timing is the median of
-``repeats`` runs (the JSON keeps every run). Note that the seed's ``flush()`` is
+``repeats`` runs (the writer tables also show min-max rows/s; the JSON keeps every run), and
+the order of the two ways alternates between repeats. Note that the seed's ``flush()`` is
 ``msync(MS_SYNC)`` over the whole mapping, which on Linux also writes the dirty pages back and
 syncs the file's data range; ours additionally fsyncs the metadata and orders the completion
 flag after the data (the crash-safety protocol in ``dm_assets/store.py``).
 
-On a machine with fewer cores than P, the P processes share the cores: the rows/s there measure
-contention, not parallel speed-up.
+The load average before and after is recorded: anything else running on the machine (builds,
+package installs, tests) competes for the disk and skews the numbers, so run it on a quiet
+machine. On a machine with fewer cores than P, the P processes share the cores: the rows/s there
+measure contention, not parallel speed-up.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -79,6 +83,7 @@ CIFAR_SCHEMA: dict[str, dict[str, Any]] = {
 SMALL_SCHEMA: dict[str, dict[str, Any]] = {"logits": {"shape": [16], "dtype": "float32"}}
 WAYS = ("ours", "seed")
 BARRIER_TIMEOUT_S = 120.0
+MmapMode = Literal["r", "r+"]
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,22 @@ class BenchConfig:
 
 
 FULL = BenchConfig(
-    creation_models=300_000, creation_repeats=3, probe_repeats=5,
-    writer_models=4000, small_models=20_000, processes=(1, 2, 4, 8), write_repeats=3,
+    creation_models=300_000,
+    creation_repeats=3,
+    probe_repeats=5,
+    writer_models=4000,
+    small_models=20_000,
+    processes=(1, 2, 4, 8),
+    write_repeats=3,
 )
 QUICK = BenchConfig(
-    creation_models=30_000, creation_repeats=1, probe_repeats=2,
-    writer_models=300, small_models=1500, processes=(1, 2, 4, 8), write_repeats=1,
+    creation_models=30_000,
+    creation_repeats=1,
+    probe_repeats=2,
+    writer_models=300,
+    small_models=1500,
+    processes=(1, 2, 4, 8),
+    write_repeats=1,
 )
 
 
@@ -122,7 +137,9 @@ def seed_initialize(directory: Path, spec_dict: Mapping[str, Any]) -> None:
     num_models = int(spec_dict["num_models"])
     for key, meta in seed_schema(spec_dict).items():
         mmap = np.lib.format.open_memmap(
-            seed_path(directory, key), mode="w+", dtype=getattr(np, meta["dtype"]),
+            seed_path(directory, key),
+            mode="w+",
+            dtype=getattr(np, meta["dtype"]),
             shape=(num_models, *meta["shape"]),
         )
         mmap.flush()
@@ -134,13 +151,13 @@ class SeedWriter:
 
     def __init__(self, directory: Path, keys: Sequence[str]) -> None:
         self.directory = directory
-        self._maps: dict[tuple[Path, str], np.memmap] = {}
+        self._maps: dict[tuple[Path, MmapMode], np.memmap] = {}
         # open every map up front (the seed opens them on first use; same maps, same cost)
         for key in [*keys, COMPLETED_KEY]:
             self._get(seed_path(directory, key), "r+")
         self._get(seed_path(directory, COMPLETED_KEY), "r")
 
-    def _get(self, path: Path, mode: str) -> np.memmap:
+    def _get(self, path: Path, mode: MmapMode) -> np.memmap:
         mmap = self._maps.get((path, mode))
         if mmap is None:
             mmap = np.load(path, mmap_mode=mode)
@@ -223,6 +240,11 @@ def filesystem_of(path: Path) -> str:
     return best
 
 
+def repeat(fn: Callable[[], object], times: int) -> list[float]:
+    """Seconds of each of ``times`` calls of ``fn``."""
+    return [timed(fn) for _ in range(times)]
+
+
 def ratio(ours: float, seed: float) -> float | None:
     return ours / seed if seed else None
 
@@ -251,6 +273,10 @@ def seed_status(directory: Path) -> tuple[int, np.ndarray]:
     return int(mask.sum()), np.flatnonzero(~np.asarray(mask))
 
 
+def reopen_ours(directory: Path) -> None:
+    Store.open(directory).close()
+
+
 def seed_reopen(directory: Path, keys: Sequence[str]) -> list[np.memmap]:
     return [np.load(seed_path(directory, k), mmap_mode="r+") for k in [*keys, COMPLETED_KEY]]
 
@@ -271,34 +297,25 @@ def bench_creation(scratch: Path, cfg: BenchConfig) -> dict[str, Any]:
         order = WAYS if rep % 2 == 0 else WAYS[::-1]
         for way in order:
             directory = scratch / f"create-{way}-{rep}"
-            seconds = timed(lambda w=way, d=directory: initialize(w, d, spec_dict))
+            seconds = timed(partial(initialize, way, directory, spec_dict))
             run: dict[str, Any] = {"create_s": seconds, **npy_disk_usage(directory)}
+            half_done = (cfg.creation_models + 1) // 2
+            n = cfg.probe_repeats
             if way == "ours":
-                run["reopen_s"] = [timed(lambda d=directory: Store.open(d).close())
-                                   for _ in range(cfg.probe_repeats)]
-                store = Store.open(directory)
-                try:
-                    status = store.status()
-                    assert status.completed == 0, status
-                    run["status_fresh_s"] = [timed(store.status)
-                                             for _ in range(cfg.probe_repeats)]
+                run["reopen_s"] = repeat(partial(reopen_ours, directory), n)
+                with Store.open(directory) as store:
+                    assert store.status().completed == 0
+                    run["status_fresh_s"] = repeat(store.status, n)
                     mark_every_other_completed(directory)
-                    status = store.status()
-                    assert status.completed == (cfg.creation_models + 1) // 2, status
-                    run["status_half_s"] = [timed(store.status)
-                                            for _ in range(cfg.probe_repeats)]
-                finally:
-                    store.close()
+                    assert store.status().completed == half_done
+                    run["status_half_s"] = repeat(store.status, n)
             else:
-                run["reopen_s"] = [timed(lambda d=directory: seed_reopen(d, keys))
-                                   for _ in range(cfg.probe_repeats)]
+                run["reopen_s"] = repeat(partial(seed_reopen, directory, keys), n)
                 assert seed_status(directory)[0] == 0
-                run["status_fresh_s"] = [timed(lambda d=directory: seed_status(d))
-                                         for _ in range(cfg.probe_repeats)]
+                run["status_fresh_s"] = repeat(partial(seed_status, directory), n)
                 mark_every_other_completed(directory)
-                assert seed_status(directory)[0] == (cfg.creation_models + 1) // 2
-                run["status_half_s"] = [timed(lambda d=directory: seed_status(d))
-                                        for _ in range(cfg.probe_repeats)]
+                assert seed_status(directory)[0] == half_done
+                run["status_half_s"] = repeat(partial(seed_status, directory), n)
             runs[way].append(run)
             shutil.rmtree(directory)
 
@@ -324,8 +341,9 @@ def bench_creation(scratch: Path, cfg: BenchConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- 2. writers
-def make_rows(schema: Mapping[str, Mapping[str, Any]], num_models: int,
-              seed: int) -> dict[str, np.ndarray]:
+def make_rows(
+    schema: Mapping[str, Mapping[str, Any]], num_models: int, seed: int
+) -> dict[str, np.ndarray]:
     """Random, distinct rows for every index, in each key's dtype."""
     rng = np.random.default_rng(seed)
     rows: dict[str, np.ndarray] = {}
@@ -339,8 +357,14 @@ def make_rows(schema: Mapping[str, Mapping[str, Any]], num_models: int,
     return rows
 
 
-def _writer_process(way: str, directory: Path, rows: Mapping[str, np.ndarray],
-                    indices: range, barrier: Barrier, results: Any) -> None:
+def _writer_process(
+    way: str,
+    directory: Path,
+    rows: Mapping[str, np.ndarray],
+    indices: range,
+    barrier: Barrier,
+    results: Any,
+) -> None:
     """One writer: open the store, wait at the barrier, write its rows, report its times."""
     try:
         writer = open_writer(way, directory, list(rows))
@@ -362,8 +386,9 @@ def verify(directory: Path, rows: Mapping[str, np.ndarray]) -> None:
     for key, expected in rows.items():
         stored = np.load(seed_path(directory, key), mmap_mode="r")
         if not np.array_equal(stored, expected):
-            bad = np.flatnonzero(~(np.asarray(stored) == expected).reshape(len(expected), -1)
-                                 .all(axis=1))
+            bad = np.flatnonzero(
+                ~(np.asarray(stored) == expected).reshape(len(expected), -1).all(axis=1)
+            )
             raise AssertionError(f"{directory.name}: key {key!r} differs at indices {bad[:10]}")
     done = np.load(seed_path(directory, COMPLETED_KEY), mmap_mode="r")
     if not np.asarray(done).all():
@@ -386,8 +411,13 @@ def collect_reports(procs: Sequence[Any], results: Any) -> list[tuple[str, Any, 
     return reports
 
 
-def run_writers(way: str, directory: Path, spec_dict: Mapping[str, Any],
-                rows: Mapping[str, np.ndarray], processes: int) -> dict[str, Any]:
+def run_writers(
+    way: str,
+    directory: Path,
+    spec_dict: Mapping[str, Any],
+    rows: Mapping[str, np.ndarray],
+    processes: int,
+) -> dict[str, Any]:
     """Initialize a fresh store, write every row from ``processes`` processes, verify it."""
     ctx = mp.get_context("fork")
     num_models = int(spec_dict["num_models"])
@@ -395,9 +425,10 @@ def run_writers(way: str, directory: Path, spec_dict: Mapping[str, Any],
     barrier = ctx.Barrier(processes, timeout=BARRIER_TIMEOUT_S)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_writer_process,
-                    args=(way, directory, rows, range(w, num_models, processes), barrier,
-                          results))
+        ctx.Process(
+            target=_writer_process,
+            args=(way, directory, rows, range(w, num_models, processes), barrier, results),
+        )
         for w in range(processes)
     ]
     try:
@@ -431,8 +462,20 @@ def run_writers(way: str, directory: Path, spec_dict: Mapping[str, Any],
     return result
 
 
-def bench_writers(scratch: Path, name: str, schema: Mapping[str, Mapping[str, Any]],
-                  num_models: int, processes: Sequence[int], repeats: int) -> dict[str, Any]:
+def spread(runs: Sequence[Mapping[str, Any]]) -> list[float]:
+    """``[min, max]`` rows/s over the repeats."""
+    values = [r["rows_per_s"] for r in runs]
+    return [min(values), max(values)]
+
+
+def bench_writers(
+    scratch: Path,
+    name: str,
+    schema: Mapping[str, Mapping[str, Any]],
+    num_models: int,
+    processes: Sequence[int],
+    repeats: int,
+) -> dict[str, Any]:
     spec_dict = {"num_models": num_models, "schema": dict(schema)}
     rows = make_rows(schema, num_models, seed=num_models)
     table = []
@@ -445,18 +488,25 @@ def bench_writers(scratch: Path, name: str, schema: Mapping[str, Mapping[str, An
                 runs[way].append(run_writers(way, directory, spec_dict, rows, p))
         ours = median([r["rows_per_s"] for r in runs["ours"]])
         seed = median([r["rows_per_s"] for r in runs["seed"]])
-        table.append({
-            "processes": p,
-            "ours_rows_per_s": ours,
-            "seed_rows_per_s": seed,
-            "ratio_ours_over_seed": ratio(ours, seed),
-            "ours_allocated_bytes": runs["ours"][0]["allocated_bytes"],
-            "seed_allocated_bytes": runs["seed"][0]["allocated_bytes"],
-            "verified": True,
-            "runs": runs,
-        })
-    return {"spec": spec_dict, "row_bytes": sum(int(a[0].nbytes) for a in rows.values()),
-            "results": table}
+        table.append(
+            {
+                "processes": p,
+                "ours_rows_per_s": ours,
+                "seed_rows_per_s": seed,
+                "ratio_ours_over_seed": ratio(ours, seed),
+                "ours_rows_per_s_min_max": spread(runs["ours"]),
+                "seed_rows_per_s_min_max": spread(runs["seed"]),
+                "ours_allocated_bytes": runs["ours"][0]["allocated_bytes"],
+                "seed_allocated_bytes": runs["seed"][0]["allocated_bytes"],
+                "verified": True,
+                "runs": runs,
+            }
+        )
+    return {
+        "spec": spec_dict,
+        "row_bytes": sum(int(a[0].nbytes) for a in rows.values()),
+        "results": table,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -478,9 +528,16 @@ def fmt_ratio(r: float | None) -> str:
 def print_report(results: Mapping[str, Any]) -> None:
     m = results["machine"]
     print(f"\nmachine: {m['platform']}, {m['cpu_count']} CPUs, scratch {m['scratch_filesystem']}")
+    load = ", ".join(
+        f"{a:.2f} -> {b:.2f}"
+        for a, b in zip(m["loadavg_1_5_15_before"], m["loadavg_1_5_15_after"], strict=True)
+    )
+    print(f"load average 1/5/15 min, before -> after: {load} (other work skews the numbers)")
     c = results["creation"]
-    print(f"\n1. store creation, {c['spec']['num_models']} models "
-          f"(masks bool[50000] + margins float16[10000])")
+    print(
+        f"\n1. store creation, {c['spec']['num_models']} models "
+        f"(masks bool[50000] + margins float16[10000])"
+    )
     print(f"{'measure':<34}{'ours':>14}{'seed':>14}{'ours/seed':>11}")
     rows = [
         ("create (s)", "create_s", fmt_s),
@@ -491,20 +548,31 @@ def print_report(results: Mapping[str, Any]) -> None:
         ("allocated on disk", "allocated_bytes", fmt_bytes),
     ]
     for label, key, fmt in rows:
-        print(f"{label:<34}{fmt(c['ours'][key]):>14}{fmt(c['seed'][key]):>14}"
-              f"{fmt_ratio(c['ratio_ours_over_seed'][key]):>11}")
-    for title, key in (("2a. concurrent writers, datamodels row", "writers_large"),
-                       ("2b. concurrent writers, small row", "writers_small")):
+        print(
+            f"{label:<34}{fmt(c['ours'][key]):>14}{fmt(c['seed'][key]):>14}"
+            f"{fmt_ratio(c['ratio_ours_over_seed'][key]):>11}"
+        )
+    for title, key in (
+        ("2a. concurrent writers, datamodels row", "writers_large"),
+        ("2b. concurrent writers, small row", "writers_small"),
+    ):
         w = results[key]
         schema = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in w["spec"]["schema"].items())
         print(f"\n{title}: {schema} ({w['row_bytes']} B/row), {w['spec']['num_models']} rows")
-        print(f"{'processes':<12}{'ours rows/s':>14}{'seed rows/s':>14}{'ours/seed':>11}"
-              f"{'verified':>10}")
+        print(
+            f"{'processes':<11}{'ours rows/s':>12}{'(min-max)':>13}{'seed rows/s':>13}"
+            f"{'(min-max)':>13}{'ours/seed':>11}{'verified':>10}"
+        )
         for r in w["results"]:
             verified = "yes" if r["verified"] else "NO"
-            print(f"{r['processes']:<12}{r['ours_rows_per_s']:>14.0f}"
-                  f"{r['seed_rows_per_s']:>14.0f}{fmt_ratio(r['ratio_ours_over_seed']):>11}"
-                  f"{verified:>10}")
+            ours_lo, ours_hi = r["ours_rows_per_s_min_max"]
+            seed_lo, seed_hi = r["seed_rows_per_s_min_max"]
+            print(
+                f"{r['processes']:<11}{r['ours_rows_per_s']:>12.0f}"
+                f"{f'({ours_lo:.0f}-{ours_hi:.0f})':>13}{r['seed_rows_per_s']:>13.0f}"
+                f"{f'({seed_lo:.0f}-{seed_hi:.0f})':>13}"
+                f"{fmt_ratio(r['ratio_ours_over_seed']):>11}{verified:>10}"
+            )
     print(f"\ntotal benchmark time: {results['total_s']:.1f} s")
 
 
@@ -512,9 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH,
-                        help="folder for the temporary stores (same disk as the real ones; "
-                        "not tmpfs); everything made there is deleted afterwards")
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=DEFAULT_SCRATCH,
+        help="folder for the temporary stores (same disk as the real ones; "
+        "not tmpfs); everything made there is deleted afterwards",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -525,16 +597,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "numpy": np.__version__,
             "cpu_count": os.cpu_count(),
             "scratch_filesystem": filesystem_of(scratch),
+            "loadavg_1_5_15_before": list(os.getloadavg()),
         }
         print(f"scratch: {scratch} ({machine['scratch_filesystem']})", flush=True)
         print("1. creation ...", flush=True)
         creation = bench_creation(scratch, cfg)
         print("2a. writers, datamodels row ...", flush=True)
-        large = bench_writers(scratch, "large", CIFAR_SCHEMA, cfg.writer_models, cfg.processes,
-                              cfg.write_repeats)
+        large = bench_writers(
+            scratch, "large", CIFAR_SCHEMA, cfg.writer_models, cfg.processes, cfg.write_repeats
+        )
         print("2b. writers, small row ...", flush=True)
-        small = bench_writers(scratch, "small", SMALL_SCHEMA, cfg.small_models, cfg.processes,
-                              cfg.write_repeats)
+        small = bench_writers(
+            scratch, "small", SMALL_SCHEMA, cfg.small_models, cfg.processes, cfg.write_repeats
+        )
+    machine["loadavg_1_5_15_after"] = list(os.getloadavg())
     results = {
         "benchmark": "dm_assets store vs seed (MadryLab datamodels) memmap store",
         "ratios": "ours / seed: seconds and bytes below 1 favour ours; rows/s above 1 favour ours",

@@ -109,9 +109,11 @@ class StoreStatus:
 
 def index_ranges(indices: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Sorted unique indices as inclusive ``(first, last)`` runs of consecutive values."""
-    idx = np.unique(np.asarray(indices, dtype=np.int64))
+    idx = np.asarray(indices, dtype=np.int64)
     if idx.size == 0:
         return ()
+    if not (np.diff(idx) > 0).all():  # already sorted and unique (np.flatnonzero's) is common
+        idx = np.unique(idx)
     breaks = np.flatnonzero(np.diff(idx) != 1)
     starts = np.concatenate(([idx[0]], idx[breaks + 1]))
     ends = np.concatenate((idx[breaks], [idx[-1]]))

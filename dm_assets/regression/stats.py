@@ -2,8 +2,9 @@
 
 For masks ``X`` (``n x p``, 0/1) and targets ``Y`` (``n x t``) the LASSO path of every target
 depends only on ``n``, ``X^T 1``, ``X^T X``, ``Y^T 1``, ``X^T Y`` and the per-target ``y^T y``.
-They are accumulated in float64 (exact for 0/1 masks) from float32 batch products: ``X^T X`` of
-0/1 values is exact in float32 within a batch of fewer than 2^24 rows.
+They are accumulated in float64 across batches from float32 products within a batch: ``X^T X``
+of 0/1 values is exact in float32 for batches of fewer than 2^24 rows, and ``X^T y`` is a sum
+of at most ``batch_size`` terms per entry (relative error about ``1e-7``).
 """
 
 from __future__ import annotations
@@ -52,27 +53,38 @@ class SufficientStats:
         """Column means and standard deviations of these rows' masks."""
         return Standardization.from_sums(self.n, self.sum_x, self.sum_x2)
 
-    def centered(self, standardization: Standardization) -> CenteredProblem:
-        """The least-squares problem of these rows in standardized, centered coordinates."""
+    def centered(
+        self, standardization: Standardization, *, fit_intercept: bool = True
+    ) -> CenteredProblem:
+        """The least-squares problem of these rows in standardized coordinates.
+
+        With ``fit_intercept`` the problem is centered on these rows' means (the intercept is
+        then exact); without, it is taken around the origin of the standardized coordinates.
+        """
         n = self.n
         inv_std = 1.0 / standardization.std.to(self.sum_x.device)
         mean = standardization.mean.to(self.sum_x.device)
         x_bar = self.sum_x / n  # raw column means of these rows
         y_bar = self.sum_y / n
-        # covariances, then scaled: the standardized columns' covariance with y and each other
-        c = (self.xty / n - x_bar[:, None] * y_bar[None, :]) * inv_std[:, None]
+        # second moments about (a, b): a = x_bar, b = y_bar when centering, else a = mean, b = 0
+        a = x_bar if fit_intercept else mean
+        b = y_bar if fit_intercept else torch.zeros_like(y_bar)
+        c = self.xty / n - a[:, None] * y_bar[None, :] - x_bar[:, None] * b[None, :]
+        c = (c + a[:, None] * b[None, :]) * inv_std[:, None]
         gram = None
         if self.xtx is not None:
-            gram = (self.xtx / n - x_bar[:, None] * x_bar[None, :]) * inv_std[:, None]
+            gram = self.xtx / n - x_bar[:, None] * a[None, :] - a[:, None] * x_bar[None, :]
+            gram += a[:, None] * a[None, :]
+            gram *= inv_std[:, None]
             gram *= inv_std[None, :]
-        yy = (self.sum_y2 / n - y_bar * y_bar).clamp_min(0)
+        yy = (self.sum_y2 / n - 2 * y_bar * b + b * b).clamp_min(0)
         return CenteredProblem(
             n=n,
             gram=gram,
             c=c,
             yy=yy,
-            x_bar_std=(x_bar - mean) * inv_std,
-            y_bar=y_bar,
+            x_bar_std=(x_bar - mean) * inv_std if fit_intercept else torch.zeros_like(mean),
+            y_bar=b,
         )
 
 
@@ -83,7 +95,8 @@ class CenteredProblem:
     ``b = y_bar - x_bar_std^T w``.
 
     ``gram`` ``(p, p)`` (None when not computed), ``c`` ``(p, t)``, ``yy`` ``(t,)`` (the
-    variance of y), ``x_bar_std`` ``(p,)``, ``y_bar`` ``(t,)``; float64.
+    variance of y; its mean square without an intercept), ``x_bar_std`` ``(p,)``, ``y_bar``
+    ``(t,)`` (zeros without an intercept); float64.
     """
 
     n: int
@@ -98,9 +111,11 @@ class CenteredProblem:
         which every weight of the target is zero."""
         return self.c.abs().amax(dim=0)
 
-    def intercept(self, weight: torch.Tensor) -> torch.Tensor:
-        """The best bias for ``weight`` ``(p, t)``: ``y_bar - x_bar_std^T w``."""
-        return self.y_bar - self.x_bar_std.to(weight.dtype) @ weight
+    def intercept(self, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The best bias for ``weight`` ``(p, t)`` (or ``(p, a)`` for the target ids
+        ``targets``): ``y_bar - x_bar_std^T w``."""
+        y_bar = self.y_bar if targets is None else self.y_bar[targets]
+        return y_bar.to(weight.dtype) - self.x_bar_std.to(weight.dtype) @ weight
 
 
 def accumulate_stats(
@@ -123,15 +138,14 @@ def accumulate_stats(
     n = 0
     for x, y, _ in source.batches(rows, batch_size, device=device):
         n += int(x.shape[0])
-        x64 = x.to(torch.float64)
-        y64 = y.to(torch.float64)
-        sum_x += x64.sum(0)
-        sum_x2 += (x64 * x64).sum(0)
-        sum_y += y64.sum(0)
-        sum_y2 += (y64 * y64).sum(0)
-        xty += x64.T @ y64
+        sum_x += x.sum(0).to(torch.float64)
+        sum_x2 += (x * x).sum(0).to(torch.float64)
+        sum_y += y.to(torch.float64).sum(0)
+        sum_y2 += y.to(torch.float64).square().sum(0)
+        # float32 products within a batch (exact for 0/1 masks), float64 across batches
+        xty += (x.T @ y).to(torch.float64)
         if xtx is not None:
-            xtx += (x.T @ x).to(torch.float64)  # 0/1 products: exact in float32
+            xtx += (x.T @ x).to(torch.float64)
     if n == 0:
         raise ValueError("no rows to accumulate statistics over")
     return SufficientStats(n, sum_x, sum_x2, sum_y, sum_y2, xty, xtx)

@@ -1,0 +1,983 @@
+"""Minibatch proximal SAGA for the LASSO path of many targets at once (the fast_l1 algorithm).
+
+Objective per target ``t`` over ``n`` fitting rows (masks ``x_i``, outputs ``y_it``)::
+
+    (1 / (2 n)) * sum_i (y_it - x_std_i . w_t - b_t)^2 + lambda_t * ||w_t||_1
+    x_std = (x - mean) / std,   mean, std: column statistics of the TRAINING rows
+
+The intercept ``b_t`` is not penalized. It is eliminated exactly rather than learned by SAGA:
+the solver works in a frame centered on the fitting rows (``z = (x - shift) / std``,
+``u = y - offset`` with ``shift``, ``offset`` the fitting rows' means), where the best intercept
+is zero for every ``w``; afterwards ``b = offset - ((shift - mean) / std) . w``. On the training
+rows ``shift == mean`` and ``b = mean(y)``; for the refit on train + validation rows the bias
+absorbs the shift of the column means. This is what scikit-learn does for ``fit_intercept``,
+and removes the noise a stochastic intercept update would add.
+
+Algorithm (per epoch, one shuffled pass over the fitting rows in minibatches ``b`` of size
+``B``, all active targets at once; ``r_i = z_i . w - u_i`` the residual, ``table_i`` the residual
+row ``i`` had when last visited, ``g = (1/n) Z^T table`` the average gradient)::
+
+    d   = Z_b^T (r_b - table_b) / B + (|b| / B) * g     (the SAGA estimate, times |b| / B)
+    w   = soft_threshold(w - lr * d, lr * (|b| / B) * lambda)
+    g  += Z_b^T (r_b - table_b) / n;   table_b = r_b
+
+The ``|b| / B`` factor gives a smaller last batch a proportionally smaller step, so every row
+carries the same weight in an epoch. Every ``check_every`` epochs one pass over the fitting rows
+recomputes the exact residual table and gradient (removing float32 drift) and each target's
+duality gap; a target has converged at its lambda when ``gap <= tol * mean(u^2)``, the
+criterion of scikit-learn's coordinate descent (independent of the step size, unlike
+upstream's weight-change test). At ``lambda >= lambda_max`` the solution is ``w = 0`` exactly.
+
+Differences from upstream ``fast_l1.train_saga``: lambda_max on standardized features (upstream
+used raw 0/1 masks, about half the true value, so the path did not start at w = 0); the SAGA
+table initialized with the true residuals (upstream: zeros, a biased first epoch); a duality-gap
+stopping test; an epoch cap with a warning and a divergence error instead of endless loops; a
+step size derived from the data; the refit warm-started at the chosen lambda instead of from a
+dense ``lambda = 0`` fit; torch only (no cupy), on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dm_assets.regression.data import RowSource
+from dm_assets.regression.path import LassoPathResult, PathTracker, Standardization, lambda_grid
+from dm_assets.regression.stats import SufficientStats, accumulate_stats
+
+logger = logging.getLogger(__name__)
+
+DEVICE_TABLE_FRACTION = 0.5
+"""On CUDA the SAGA table stays on the device when it needs at most this fraction of the free
+device memory (``torch.cuda.mem_get_info``); otherwise it lives in pinned host memory."""
+
+DIVERGENCE_FACTOR = 1e3
+"""An objective above this multiple of its value at ``w = 0`` means the iteration diverged."""
+
+STEP_SAFETY = 3.0
+"""The derived step is ``1 / (STEP_SAFETY * L_B)`` (Defazio et al., 2014: 1 / (3 L))."""
+
+
+class SagaConvergenceWarning(UserWarning):
+    """Some (target, lambda) fits reached ``max_epochs`` before their duality gap met ``tol``."""
+
+
+class SagaDivergedError(RuntimeError):
+    """The iterates blew up: the step size is too large for the data."""
+
+
+@dataclass(frozen=True)
+class SagaSolution:
+    """What :func:`saga_fixed_lambda` returns; tensors on the CPU.
+
+    ``weight`` float32 ``(p, t)`` and ``bias`` float32 ``(t,)`` act on masks standardized by
+    ``mean``/``std`` (float32 ``(p,)``); ``lam`` float64 ``(t,)``; ``gap`` float64 ``(t,)``
+    each target's final duality gap and ``objective`` its final objective; ``epochs`` int64
+    ``(t,)`` epochs run per target; ``converged`` bool ``(t,)``: ``gap <= tol * var(y)``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lam: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    gap: torch.Tensor
+    objective: torch.Tensor
+    epochs: torch.Tensor
+    converged: torch.Tensor
+    lr: float
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# The problem: rows, coordinates, the residual table
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Coordinates of one least-squares problem: ``z = (x - shift) * inv_std``,
+    ``u = y - offset``. ``shift``, ``inv_std`` ``(p,)`` and ``offset`` ``(t,)`` float64;
+    ``lam_max`` ``(t,)`` = ``max |Z^T u| / n`` and ``scale`` ``(t,)`` = ``mean(u^2)`` over
+    the fitting rows, float64; all on the solver's device."""
+
+    shift: torch.Tensor
+    inv_std: torch.Tensor
+    offset: torch.Tensor
+    lam_max: torch.Tensor
+    scale: torch.Tensor
+    shift32: torch.Tensor
+    inv_std32: torch.Tensor
+    offset32: torch.Tensor
+
+    @classmethod
+    def of(cls, stats: SufficientStats, std: Standardization, *, use_bias: bool) -> _Frame:
+        n, device = stats.n, stats.sum_x.device
+        mean = std.mean.to(device)
+        inv_std = 1.0 / std.std.to(device)
+        if use_bias:
+            shift, offset = stats.sum_x / n, stats.sum_y / n
+        else:
+            shift, offset = mean, torch.zeros_like(stats.sum_y)
+        # sum_i (x_i - shift)(y_i - offset), expanded into the raw sums
+        cross = (
+            stats.xty
+            - shift[:, None] * stats.sum_y[None, :]
+            - stats.sum_x[:, None] * offset[None, :]
+            + n * shift[:, None] * offset[None, :]
+        )
+        lam_max = (cross * inv_std[:, None] / n).abs().amax(dim=0)
+        scale = (stats.sum_y2 / n - 2 * offset * stats.sum_y / n + offset * offset).clamp_min(0)
+        return cls(
+            shift=shift,
+            inv_std=inv_std,
+            offset=offset,
+            lam_max=lam_max,
+            scale=scale,
+            shift32=shift.float(),
+            inv_std32=inv_std.float(),
+            offset32=offset.float(),
+        )
+
+    def z(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift32) * self.inv_std32
+
+    def bias(self, weight: torch.Tensor, ids: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """float64 ``(a,)``: the intercept in the standardized coordinates of ``mean``."""
+        delta = (self.shift - mean.to(self.shift.device)) * self.inv_std
+        return self.offset[ids] - delta @ weight.to(torch.float64)
+
+    def row_norm_bound(self) -> float:
+        """An upper bound on ``||z_i||^2`` for 0/1 masks: each coordinate is ``(1 - shift)``
+        or ``-shift`` times ``inv_std``."""
+        worst = torch.maximum((1 - self.shift).square(), self.shift.square())
+        return float((worst * self.inv_std.square()).sum())
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Row positions of a source read in minibatches; ``lookup`` int64 ``(n_rows,)`` maps a
+    position to its row in the SAGA table (None for rows that need no table)."""
+
+    source: RowSource
+    positions: np.ndarray
+    batch_size: int
+    device: torch.device
+    lookup: torch.Tensor | None = None
+
+    @classmethod
+    def with_table(
+        cls, source: RowSource, positions: np.ndarray, batch_size: int, device: torch.device
+    ) -> _Rows:
+        lookup = torch.full((source.n_rows,), -1, dtype=torch.int64)
+        lookup[torch.from_numpy(positions)] = torch.arange(len(positions))
+        return cls(source, positions, batch_size, device, lookup.to(device))
+
+    @property
+    def n(self) -> int:
+        return len(self.positions)
+
+    def batches(
+        self, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(x, y, table_rows)``; ``table_rows`` are the positions when there is no lookup."""
+        for x, y, pos in self.source.batches(
+            self.positions, self.batch_size, device=self.device, shuffle=shuffle, seed=seed
+        ):
+            pos = pos.to(self.device)
+            yield x, y, pos if self.lookup is None else self.lookup[pos]
+
+
+class _ResidualTable:
+    """Each fitting row's residual when it was last visited: float32 ``(n, a)``, on the device
+    or in pinned host memory (then gathered and scattered per minibatch)."""
+
+    def __init__(self, n: int, a: int, device: torch.device, on_host: bool) -> None:
+        self.device = device
+        self.on_host = on_host and device.type != "cpu"
+        values = torch.zeros((n, a), dtype=torch.float32, device="cpu" if self.on_host else device)
+        self.values = values.pin_memory() if self.on_host else values
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.on_host:
+            return self.values.index_select(0, rows.cpu()).to(self.device)
+        return self.values.index_select(0, rows)
+
+    def scatter(self, rows: torch.Tensor, residual: torch.Tensor) -> None:
+        if self.on_host:
+            self.values.index_copy_(0, rows.cpu(), residual.cpu())
+        else:
+            self.values.index_copy_(0, rows, residual)
+
+    def keep(self, columns: torch.Tensor) -> None:
+        kept = self.values[:, columns.to(self.values.device)].contiguous()
+        self.values = kept.pin_memory() if self.on_host else kept
+
+
+def _table_on_host(choice: bool | None, device: torch.device, n: int, t: int) -> bool:
+    """Where the ``4 * n * t``-byte table lives; None decides from the free device memory."""
+    if device.type != "cuda":
+        return False
+    if choice is not None:
+        return choice
+    free, _ = torch.cuda.mem_get_info(device)
+    on_host = 4 * n * t > DEVICE_TABLE_FRACTION * free
+    logger.info(
+        "SAGA table %d x %d (%.2f GB) %s (%.2f GB free on %s)",
+        n,
+        t,
+        4 * n * t / 1e9,
+        "in pinned host memory" if on_host else "on the device",
+        free / 1e9,
+        device,
+    )
+    return on_host
+
+
+# --------------------------------------------------------------------------------------------
+# The iterate and its passes
+
+
+@dataclass
+class _Active:
+    """The targets still being solved: ``ids`` int64 ``(a,)`` (original target ids, on the
+    device; ``ids_cpu`` the same on the CPU), ``weight`` and ``avg_grad`` float32 ``(p, a)``,
+    ``lam`` float64 ``(a,)``, ``epochs`` int64 ``(a,)`` (CPU) run at the current lambda."""
+
+    ids: torch.Tensor
+    ids_cpu: torch.Tensor
+    weight: torch.Tensor
+    lam: torch.Tensor
+    avg_grad: torch.Tensor
+    table: _ResidualTable
+    epochs: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.ids_cpu.numel())
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Drop the columns where ``mask`` (bool ``(a,)``, CPU) is False."""
+        on_device = mask.to(self.weight.device)
+        self.ids, self.ids_cpu = self.ids[on_device], self.ids_cpu[mask]
+        self.weight = self.weight[:, on_device].contiguous()
+        self.avg_grad = self.avg_grad[:, on_device].contiguous()
+        self.lam, self.epochs = self.lam[on_device], self.epochs[mask]
+        self.table.keep(mask)
+
+
+@dataclass
+class _Check:
+    """One exact pass over the fitting rows at the current weights: ``rss`` float64 ``(a,)``
+    the residual sum of squares, ``grad`` float32 ``(p, a)`` = ``Z^T r / n``; ``val_mse``
+    float64 ``(a,)`` filled on demand by the path (None until then); ``gap`` and ``primal``
+    float64 ``(a,)`` at the current lambdas, set by the driver."""
+
+    rss: torch.Tensor
+    grad: torch.Tensor
+    val_mse: torch.Tensor | None = None
+    gap: torch.Tensor | None = None
+    primal: torch.Tensor | None = None
+
+    def keep(self, mask: torch.Tensor) -> _Check:
+        on_device = mask.to(self.rss.device)
+        return _Check(
+            self.rss[on_device],
+            self.grad[:, on_device],
+            *(None if v is None else v[on_device] for v in (self.val_mse, self.gap, self.primal)),
+        )
+
+
+def _residual(
+    frame: _Frame, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, r)``: standardized batch float32 ``(b, p)`` and ``r = z w - u`` ``(b, a)``."""
+    z = frame.z(x)
+    u = y.index_select(1, ids) - frame.offset32.index_select(0, ids)
+    return z, torch.addmm(u, z, weight, beta=-1)
+
+
+def _refresh(rows: _Rows, frame: _Frame, active: _Active) -> _Check:
+    """One pass: the exact residual table and average gradient at the current weights."""
+    p = active.weight.shape[0]
+    rss = torch.zeros(active.size, dtype=torch.float64, device=active.weight.device)
+    grad = torch.zeros((p, active.size), dtype=torch.float32, device=active.weight.device)
+    for x, y, table_rows in rows.batches():
+        z, r = _residual(frame, x, y, active.weight, active.ids)
+        rss += r.square().sum(0, dtype=torch.float64)
+        grad.addmm_(z.T, r)
+        active.table.scatter(table_rows, r)
+    grad /= rows.n
+    active.avg_grad = grad
+    return _Check(rss=rss, grad=grad)
+
+
+def _mean_squared_error(
+    rows: _Rows, frame: _Frame, weight: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """float64 ``(a,)``: ``mean_i (z_i w + offset - y_i)^2`` over ``rows``."""
+    rss = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for x, y, _ in rows.batches():
+        rss += _residual(frame, x, y, weight, ids)[1].square().sum(0, dtype=torch.float64)
+    return rss / rows.n
+
+
+def _soft_threshold_(weight: torch.Tensor, threshold: torch.Tensor) -> None:
+    """In place: ``sign(w) * max(|w| - threshold, 0)``, ``threshold`` ``(a,)`` per column."""
+    magnitude = weight.abs().sub_(threshold).clamp_min_(0)
+    weight.copy_(magnitude.mul_(weight.sign()))
+
+
+def _saga_epoch(rows: _Rows, frame: _Frame, active: _Active, lr: float, seed: int) -> None:
+    """One shuffled pass of proximal SAGA steps over the fitting rows (see the module doc)."""
+    nominal, n = rows.batch_size, rows.n
+    threshold = (lr * active.lam).float()
+    weight, avg = active.weight, active.avg_grad
+    for x, y, table_rows in rows.batches(shuffle=True, seed=seed):
+        z, r = _residual(frame, x, y, weight, active.ids)
+        correction = z.T @ (r - active.table.gather(table_rows))
+        fraction = x.shape[0] / nominal
+        weight.add_(correction, alpha=-lr / nominal).add_(avg, alpha=-lr * fraction)
+        _soft_threshold_(weight, threshold * fraction)
+        avg.add_(correction, alpha=1.0 / n)
+        active.table.scatter(table_rows, r)
+
+
+def _duality_gap(
+    check: _Check, weight: torch.Tensor, lam: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gap, primal)`` float64 ``(a,)`` of ``(1/(2n)) ||r||^2 + lam ||w||_1``.
+
+    The dual point is the residual scaled into the feasible set: with ``g = Z^T r / n`` and
+    ``s = min(1, lam / ||g||_inf)``, ``gap = (1 + s^2) ||r||^2 / (2n) + lam ||w||_1
+    - s (||r||^2 / n - w . g)``; zero exactly at the optimum, an upper bound on the
+    suboptimality everywhere.
+    """
+    l1 = weight.abs().sum(0, dtype=torch.float64)
+    w_dot_g = (weight * check.grad).sum(0, dtype=torch.float64)
+    dual_norm = check.grad.abs().amax(0).to(torch.float64)
+    s = torch.where(dual_norm > lam, lam / dual_norm, torch.ones_like(lam))
+    half_mse = check.rss / (2 * n)
+    primal = half_mse + lam * l1
+    gap = (1 + s * s) * half_mse + lam * l1 - s * (2 * half_mse - w_dot_g)
+    return gap, primal
+
+
+# --------------------------------------------------------------------------------------------
+# The driver: epochs between checks, convergence, divergence, the epoch cap
+
+
+@dataclass
+class _Schedule:
+    """Step size, stopping rule, and counters shared by the path and the refit."""
+
+    lr: float
+    tol: float
+    check_every: int
+    max_epochs: int
+    seed: int
+    epochs_run: int = 0
+    checks: int = 0
+    capped: int = 0
+    epochs_per_lambda: list[int] = field(default_factory=list)
+
+    def epoch_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.epochs_run) % 2**32
+
+
+OnDone = Callable[[_Active, torch.Tensor, _Check], torch.Tensor]
+"""Called with the active set, the targets done at their lambda (bool ``(a,)``, CPU) and the
+check they were judged on; may move targets to a new lambda (setting ``lam``, ``epochs``);
+returns which targets leave (bool ``(a,)``, CPU)."""
+
+
+def _raise_if_diverged(primal: torch.Tensor, frame: _Frame, active: _Active, lr: float) -> None:
+    start = frame.scale[active.ids] / 2  # the objective at w = 0
+    bad = ~torch.isfinite(primal) | ((primal > DIVERGENCE_FACTOR * start) & (start > 0))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise SagaDivergedError(
+            f"SAGA diverged for {int(bad.sum())} target(s) (target {int(active.ids_cpu[first])}:"
+            f" objective {float(primal[first]):.3g}, {float(start[first]):.3g} at w = 0) with "
+            f"lr={lr:.3g}. Lower lr (e.g. lr={lr / 10:.3g}), or pass lr=None for the step size "
+            "derived from the data."
+        )
+
+
+def _run_epochs(rows: _Rows, frame: _Frame, active: _Active, sched: _Schedule) -> None:
+    """Epochs up to the next check: ``check_every``, fewer where a target would pass its cap."""
+    left = int((sched.max_epochs - active.epochs).min())
+    for _ in range(max(1, min(sched.check_every, left))):
+        _saga_epoch(rows, frame, active, sched.lr, sched.epoch_seed())
+        sched.epochs_run += 1
+        active.epochs += 1
+        if not bool(torch.isfinite(active.weight).all()):
+            raise SagaDivergedError(
+                f"SAGA diverged: non-finite weights after epoch {sched.epochs_run} with "
+                f"lr={sched.lr:.3g}. Lower lr (e.g. lr={sched.lr / 10:.3g}), or pass lr=None "
+                "for the step size derived from the data."
+            )
+
+
+def _drive(rows: _Rows, frame: _Frame, active: _Active, sched: _Schedule, on_done: OnDone) -> None:
+    """Iterate until every target has left through ``on_done``.
+
+    A target is done at its lambda when its duality gap is at most ``tol * mean(u^2)``, when
+    ``lambda >= lambda_max`` (then ``w = 0`` is the exact solution), or when it has run
+    ``max_epochs`` epochs there (counted in ``sched.capped``).
+    """
+    at_max = (active.lam >= frame.lam_max[active.ids]).to(active.weight.device)
+    active.weight[:, at_max] = 0
+    check = _refresh(rows, frame, active)
+    while active.size:
+        gap, primal = _duality_gap(check, active.weight, active.lam, rows.n)
+        check.gap, check.primal = gap, primal
+        _raise_if_diverged(primal, frame, active, sched.lr)
+        converged = (gap <= sched.tol * frame.scale[active.ids]) | (
+            active.lam >= frame.lam_max[active.ids]
+        )
+        converged = converged.cpu()
+        capped = (active.epochs >= sched.max_epochs) & ~converged
+        done = converged | capped
+        if bool(done.any()):
+            sched.capped += int(capped.sum())
+            sched.epochs_per_lambda.extend(active.epochs[done].tolist())
+            leaving = on_done(active, done, check)
+            if bool(leaving.any()):
+                active.keep(~leaving)
+                check = check.keep(~leaving)
+            continue  # targets moved to a new lambda may be done there already
+        _run_epochs(rows, frame, active, sched)
+        check = _refresh(rows, frame, active)
+        sched.checks += 1
+        logger.debug(
+            "epoch %d: %d targets active, largest gap / tol %.3g",
+            sched.epochs_run,
+            active.size,
+            float((gap / (sched.tol * frame.scale[active.ids])).max()) if active.size else 0.0,
+        )
+
+
+def _start(
+    rows: _Rows, weight: torch.Tensor, lam: torch.Tensor, table_on_host: bool | None
+) -> _Active:
+    device = weight.device
+    t = weight.shape[1]
+    on_host = _table_on_host(table_on_host, device, rows.n, t)
+    return _Active(
+        ids=torch.arange(t, device=device),
+        ids_cpu=torch.arange(t),
+        weight=weight.clone(),
+        lam=lam.to(device, torch.float64).clone(),
+        avg_grad=torch.zeros_like(weight),
+        table=_ResidualTable(rows.n, t, device, on_host),
+        epochs=torch.zeros(t, dtype=torch.int64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The path
+
+
+@dataclass
+class _PathRecorder:
+    """``on_done`` for the path: records each done target's step in the tracker, keeps its
+    weights when validation improved, and moves it to its next lambda or out."""
+
+    tracker: PathTracker
+    lambdas: torch.Tensor  # float64 (t, k) on the device
+    val_rows: _Rows
+    frame: _Frame
+    n_train: int
+    best_weight: torch.Tensor  # float32 (p, t) on the device
+    steps: torch.Tensor  # int64 (t,) CPU: each target's current step
+    bar: tqdm | None
+
+    def __call__(self, active: _Active, done: torch.Tensor, check: _Check) -> torch.Tensor:
+        if check.val_mse is None:  # one validation pass per check, for every active target
+            check.val_mse = _mean_squared_error(
+                self.val_rows, self.frame, active.weight, active.ids
+            )
+        train_mse = check.rss / self.n_train
+        nonzeros = (active.weight != 0).sum(0)
+        steps = self.steps[active.ids_cpu]
+        for step in steps[done].unique().tolist():
+            cols = (done & (steps == step)).nonzero()[:, 0]
+            on_device = cols.to(active.weight.device)
+            improved = self.tracker.record(
+                step,
+                active.ids_cpu[cols],
+                train_mse[on_device],
+                check.val_mse[on_device],
+                nonzeros[on_device],
+            )
+            better = on_device[improved.to(on_device.device)]
+            self.best_weight[:, active.ids[better]] = active.weight[:, better]
+        leaving = done & ~self.tracker.active[active.ids_cpu]
+        moving = done & ~leaving
+        self.steps[active.ids_cpu[moving]] += 1
+        moving_dev = moving.to(active.weight.device)
+        next_step = self.steps[active.ids_cpu[moving]].to(active.weight.device)
+        active.lam[moving_dev] = self.lambdas[active.ids[moving_dev], next_step]
+        active.epochs[moving] = 0
+        if self.bar is not None:
+            self.bar.update(int(leaving.sum()))
+        return leaving
+
+
+@dataclass
+class _Solutions:
+    """``on_done`` for fixed lambdas: every done target leaves with its weights float32
+    ``(p, t)``, its epochs int64 ``(t,)`` (CPU), and its final duality gap and objective
+    float64 ``(t,)`` (CPU)."""
+
+    weight: torch.Tensor
+    epochs: torch.Tensor
+    gap: torch.Tensor
+    objective: torch.Tensor
+
+    def __call__(self, active: _Active, done: torch.Tensor, check: _Check) -> torch.Tensor:
+        cols = done.to(active.weight.device)
+        self.weight[:, active.ids[cols]] = active.weight[:, cols]
+        ids = active.ids_cpu[done]
+        self.epochs[ids] = active.epochs[done]
+        if check.gap is not None and check.primal is not None:
+            self.gap[ids] = check.gap[cols].cpu()
+            self.objective[ids] = check.primal[cols].cpu()
+        return done
+
+
+def _solve_fixed(
+    rows: _Rows,
+    frame: _Frame,
+    lam: torch.Tensor,
+    weight: torch.Tensor,
+    sched: _Schedule,
+    table_on_host: bool | None,
+) -> _Solutions:
+    """Each target at its own fixed lambda, warm-started from ``weight`` ``(p, t)``."""
+    active = _start(rows, weight, lam, table_on_host)
+    t = weight.shape[1]
+    nan = torch.full((t,), float("nan"), dtype=torch.float64)
+    out = _Solutions(
+        weight=weight.clone(),
+        epochs=torch.zeros(t, dtype=torch.int64),
+        gap=nan.clone(),
+        objective=nan.clone(),
+    )
+    _drive(rows, frame, active, sched, out)
+    return out
+
+
+def _step_size(rows: _Rows, frame: _Frame, seed: int) -> tuple[float, float]:
+    """``(lr, L_B)``: ``lr = 1 / (3 L_B)``.
+
+    ``L_B`` estimates the minibatch smoothness, the largest eigenvalue of ``Z_b^T Z_b / B``
+    (``B`` the nominal batch size: a smaller last batch takes a proportionally smaller step):
+    between the full-data ``L`` (``B = n``) and ``max_i ||z_i||^2`` (``B = 1``), the constant
+    minibatch SAGA's step size theory uses. It is the largest of 30 power iterations on each of
+    up to 4 shuffled minibatches (its expectation over batches bounds ``L`` from above, the
+    largest eigenvalue being convex), times 1.1 because power iteration approaches from below,
+    capped by the exact bound on ``||z_i||^2`` for 0/1 masks. On random masks the step that
+    diverges is 15-30 times larger.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    estimate = 0.0
+    for i, (x, _, _) in enumerate(rows.batches(shuffle=True, seed=seed)):
+        if i == 4:
+            break
+        z = frame.z(x)
+        v = torch.randn(z.shape[1], generator=generator).to(z.device)
+        top = 0.0
+        for _ in range(30):
+            v = z.T @ (z @ v) / rows.batch_size
+            top = float(v.norm())
+            if top == 0.0:
+                break
+            v = v / top
+        estimate = max(estimate, top)
+    smoothness = min(1.1 * estimate, frame.row_norm_bound())
+    if not smoothness > 0:  # every column constant: any step is exact
+        smoothness = 1.0
+    return 1.0 / (STEP_SAFETY * smoothness), smoothness
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _as_rows(
+    name: str, rows: Sequence[int] | np.ndarray, n_rows: int, errors: list[str]
+) -> np.ndarray:
+    arr = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if arr.size == 0:
+        errors.append(f"{name} is empty; it needs at least one row position")
+    elif arr.min() < 0 or arr.max() >= n_rows:
+        errors.append(
+            f"{name} holds positions outside [0, {n_rows}) (min {arr.min()}, max {arr.max()})"
+        )
+    elif np.unique(arr).size != arr.size:
+        errors.append(f"{name} repeats row positions; pass each row once")
+    return arr
+
+
+def _check_settings(
+    *,
+    batch_size: int,
+    lr: float | None,
+    tol: float,
+    check_every: int,
+    max_epochs: int,
+    errors: list[str],
+) -> None:
+    if batch_size < 1:
+        errors.append(f"batch_size must be at least 1; got {batch_size}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        errors.append(f"lr must be a positive finite step size or None (derived); got {lr}")
+    if not tol > 0:
+        errors.append(f"tol (duality gap / var(y)) must be positive; got {tol}")
+    if check_every < 1:
+        errors.append(f"check_every must be at least 1 epoch; got {check_every}")
+    if max_epochs < 1:
+        errors.append(f"max_epochs must be at least 1; got {max_epochs}")
+
+
+def _raise_errors(errors: list[str]) -> None:
+    if errors:
+        raise ValueError("invalid SAGA arguments:\n  " + "\n  ".join(errors))
+
+
+def _warn_capped(sched: _Schedule, what: str, stacklevel: int) -> None:
+    if sched.capped:
+        warnings.warn(
+            f"SAGA {what}: {sched.capped} (target, lambda) fit(s) reached max_epochs="
+            f"{sched.max_epochs} before the duality gap met tol={sched.tol:g} x var(y). Raise "
+            f"max_epochs, raise lr (now {sched.lr:.3g}) if the problem is far from diverging, "
+            "or loosen tol.",
+            SagaConvergenceWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def saga_fixed_lambda(
+    source: RowSource,
+    rows: Sequence[int] | np.ndarray,
+    lam: torch.Tensor | float,
+    *,
+    batch_size: int,
+    standardization: Standardization | None = None,
+    weight: torch.Tensor | None = None,
+    lr: float | None = None,
+    use_bias: bool = True,
+    device: torch.device | str = "cpu",
+    tol: float = 1e-4,
+    check_every: int = 2,
+    max_epochs: int = 200,
+    seed: int = 0,
+    table_on_host: bool | None = None,
+) -> SagaSolution:
+    """Solve the LASSO of every target at one fixed lambda each, by proximal SAGA.
+
+    Minimizes ``(1/(2n)) ||y_t - X_std w_t - b_t||^2 + lam_t ||w_t||_1`` over the ``n``
+    ``rows`` of ``source`` (module doc for the algorithm). Arguments as :func:`fit_saga`, and:
+
+    - ``rows``: int ``(n,)`` distinct row positions to fit on.
+    - ``lam``: float or float ``(t,)``, each target's lambda (one float: all targets).
+    - ``standardization``: the column statistics ``X_std`` uses (default: those of ``rows``).
+    - ``weight``: float ``(p, t)`` warm start in the standardized coordinates (default 0).
+
+    Targets whose lambda is at least their ``lambda_max`` get ``w = 0`` exactly. Emits
+    :class:`SagaConvergenceWarning` for targets that reach ``max_epochs``; raises
+    :class:`SagaDivergedError` when the iterates blow up.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    errors: list[str] = []
+    positions = _as_rows("rows", rows, source.n_rows, errors)
+    _check_settings(
+        batch_size=batch_size,
+        lr=lr,
+        tol=tol,
+        check_every=check_every,
+        max_epochs=max_epochs,
+        errors=errors,
+    )
+    p, t = source.n_features, source.n_targets
+    lam_t = torch.as_tensor(lam, dtype=torch.float64).reshape(-1).cpu()
+    if lam_t.numel() == 1:
+        lam_t = lam_t.expand(t).clone()
+    if lam_t.numel() != t or not bool((lam_t >= 0).all()):
+        errors.append(f"lam must be one or {t} non-negative values; got {lam_t.numel()} values")
+    if weight is not None and tuple(weight.shape) != (p, t):
+        errors.append(f"weight must have shape ({p}, {t}); got {tuple(weight.shape)}")
+    _raise_errors(errors)
+
+    stats = accumulate_stats(source, positions, batch_size=batch_size, device=device, gram=False)
+    std = standardization if standardization is not None else stats.standardization()
+    frame = _Frame.of(stats, std, use_bias=use_bias)
+    fit_rows = _Rows.with_table(source, positions, batch_size, device)
+    if lr is None:
+        lr, _ = _step_size(fit_rows, frame, seed)
+    sched = _Schedule(lr, tol, check_every, max_epochs, seed)
+    init = torch.zeros((p, t)) if weight is None else weight.detach()
+    init = init.to(device, torch.float32)
+    out = _solve_fixed(fit_rows, frame, lam_t, init, sched, table_on_host)
+    _warn_capped(sched, "fixed-lambda fit", stacklevel=2)
+    ids = torch.arange(t, device=device)
+    return SagaSolution(
+        weight=out.weight.cpu(),
+        bias=frame.bias(out.weight, ids, std.mean).to("cpu", torch.float32),
+        lam=lam_t,
+        mean=std.mean.to("cpu", torch.float32),
+        std=std.std.to("cpu", torch.float32),
+        gap=out.gap,
+        objective=out.objective,
+        epochs=out.epochs,
+        converged=(out.gap <= tol * frame.scale.cpu()) | (lam_t >= frame.lam_max.cpu()),
+        lr=lr,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def fit_saga(
+    source: RowSource,
+    train_rows: Sequence[int] | np.ndarray,
+    val_rows: Sequence[int] | np.ndarray,
+    *,
+    k: int,
+    eps: float,
+    batch_size: int,
+    lr: float | None = None,
+    use_bias: bool = True,
+    device: torch.device | str = "cpu",
+    tol: float = 1e-4,
+    check_every: int = 2,
+    max_epochs: int = 200,
+    min_lambdas: int = 5,
+    patience: int = 3,
+    refit: bool = True,
+    seed: int = 0,
+    table_on_host: bool | None = None,
+    progress: bool = False,
+) -> LassoPathResult:
+    """The LASSO path of every target by minibatch proximal SAGA, lambda chosen on validation.
+
+    Objective per target ``t`` on the ``n`` training rows, ``X_std = (X - mean) / std`` with
+    the training rows' column statistics::
+
+        (1 / (2 n)) * ||y_t - X_std w_t - b_t||^2 + lambda_t * ||w_t||_1
+
+    Each target walks its own geometric grid of ``k`` lambdas from its ``lambda_max`` (the
+    smallest lambda with ``w = 0``: ``max |X_std^T (y - mean(y))| / n``) down to
+    ``eps * lambda_max``, warm-started from the previous lambda. A target moves on when its
+    duality gap is at most ``tol * var(y)``, and leaves the computation when the
+    :class:`~dm_assets.regression.path.PathTracker` stops it (validation MSE not improved for
+    ``patience`` lambdas after ``min_lambdas``, or the grid's end); its weights at the best
+    validation MSE are kept. With ``refit``, each target is then re-solved at its chosen lambda
+    on train + validation rows, warm-started from those weights, with the same (training)
+    standardization. The module doc has the algorithm.
+
+    Memory: the SAGA table holds ``4 * n * t`` bytes (float32, ``n`` = training rows, then
+    train + validation rows for the refit), plus ``3 * 4 * p * t`` for the weights, gradient
+    average and best weights. On CUDA the table stays on the device when it fits in half the
+    free memory, else in pinned host memory (slower: a gather and scatter over PCIe per batch).
+
+    Parameters:
+
+    - ``source``: the rows (``n_rows`` masks of ``p`` 0/1 features, ``t`` targets).
+    - ``train_rows``, ``val_rows``: int ``(n,)`` / ``(n_val,)``, distinct and disjoint row
+      positions to fit on / to choose lambda on; both non-empty.
+    - ``k``: number of lambdas per target (``k == 1``: ``eps * lambda_max`` alone).
+    - ``eps``: smallest lambda over ``lambda_max``, in ``(0, 1]``.
+    - ``batch_size``: rows per minibatch ``B`` (also the batch of the statistics passes).
+    - ``lr``: step size; None (default) derives ``1 / (3 L_B)`` from the data, ``L_B`` an
+      estimate of the minibatch smoothness (see ``_step_size``); reported in ``info["lr"]``.
+    - ``use_bias``: fit an unpenalized intercept (default True); False fixes ``b = 0``.
+    - ``device``: where the arithmetic runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+    - ``tol``: duality gap over ``var(y)`` at which a lambda counts as solved (default 1e-4,
+      as scikit-learn's ``Lasso``); step-size independent.
+    - ``check_every``: epochs between the checks (one pass over the training rows for the
+      gap, and one over the validation rows when some target finished a lambda); default 2.
+    - ``max_epochs``: epochs per (target, lambda) before giving up on that lambda with a
+      :class:`SagaConvergenceWarning` (default 200).
+    - ``min_lambdas``, ``patience``: the early-stopping rule (default 5, 3).
+    - ``refit``: refit at the chosen lambda on train + validation rows (default True).
+    - ``seed``: seeds the minibatch order (epoch ``e`` uses a seed from ``seed`` and ``e``).
+    - ``table_on_host``: force the SAGA table to host (True) or device (False) memory on CUDA;
+      None decides from the free memory. Ignored on CPU.
+    - ``progress``: show a tqdm bar of targets finished.
+
+    Returns a :class:`~dm_assets.regression.path.LassoPathResult` (``solver="saga"``); its
+    ``info`` holds ``lr``, ``batch_smoothness`` (0 when ``lr`` was given), ``epochs_path``,
+    ``epochs_refit``, ``checks``, ``epochs_per_lambda_mean``/``_max``, ``capped_fits`` and
+    ``seconds_stats``/``_path``/``_refit``.
+
+    Raises ``ValueError`` for invalid arguments (all problems at once) and
+    :class:`SagaDivergedError` when the iterates blow up (lower ``lr``).
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    errors: list[str] = []
+    train = _as_rows("train_rows", train_rows, source.n_rows, errors)
+    val = _as_rows("val_rows", val_rows, source.n_rows, errors)
+    if np.intersect1d(train, val).size:
+        errors.append("train_rows and val_rows share row positions; they must be disjoint")
+    _check_settings(
+        batch_size=batch_size,
+        lr=lr,
+        tol=tol,
+        check_every=check_every,
+        max_epochs=max_epochs,
+        errors=errors,
+    )
+    if k < 1:
+        errors.append(f"k (the number of lambdas) must be at least 1; got {k}")
+    if not 0 < eps <= 1:
+        errors.append(f"eps (smallest lambda / lambda_max) must be in (0, 1]; got {eps}")
+    _raise_errors(errors)
+
+    stats = accumulate_stats(source, train, batch_size=batch_size, device=device, gram=False)
+    standardization = stats.standardization()
+    frame = _Frame.of(stats, standardization, use_bias=use_bias)
+    train_fit = _Rows.with_table(source, train, batch_size, device)
+    val_eval = _Rows(source, val, batch_size, device)
+    smoothness = 0.0
+    if lr is None:
+        lr, smoothness = _step_size(train_fit, frame, seed)
+    sched = _Schedule(lr, tol, check_every, max_epochs, seed)
+    seconds_stats = time.perf_counter() - start
+    logger.info(
+        "SAGA path: %d train / %d validation rows, %d features, %d targets, k=%d, lr=%.3g",
+        len(train),
+        len(val),
+        source.n_features,
+        source.n_targets,
+        k,
+        lr,
+    )
+
+    lambdas = lambda_grid(frame.lam_max, k, eps)
+    tracker = PathTracker(lambdas, min_lambdas=min_lambdas, patience=patience)
+    weight = _run_path(train_fit, val_eval, frame, lambdas, tracker, sched, table_on_host, progress)
+    ids = torch.arange(source.n_targets, device=device)
+    bias = frame.bias(weight, ids, standardization.mean)
+    epochs_path, seconds_path = sched.epochs_run, time.perf_counter() - start - seconds_stats
+    _warn_capped(sched, "path", stacklevel=2)
+
+    if refit:
+        sched.capped = 0
+        weight, bias = _refit(
+            source,
+            train,
+            val,
+            stats,
+            standardization,
+            weight,
+            tracker,
+            sched,
+            table_on_host,
+            batch_size=batch_size,
+            use_bias=use_bias,
+        )
+        _warn_capped(sched, "refit", stacklevel=2)
+    result = LassoPathResult.from_tracker(
+        tracker,
+        weight=weight,
+        bias=bias,
+        lam_max=frame.lam_max,
+        standardization=standardization,
+        n_train=len(train),
+        n_val=len(val),
+        solver="saga",
+        refit=refit,
+    )
+    result.seconds = time.perf_counter() - start
+    per_lambda = sched.epochs_per_lambda or [0]
+    result.info = {
+        "lr": lr,
+        "batch_smoothness": smoothness,
+        "epochs_path": float(epochs_path),
+        "epochs_refit": float(sched.epochs_run - epochs_path),
+        "checks": float(sched.checks),
+        "epochs_per_lambda_mean": float(np.mean(per_lambda)),
+        "epochs_per_lambda_max": float(np.max(per_lambda)),
+        "capped_fits": float(sched.capped),
+        "seconds_stats": seconds_stats,
+        "seconds_path": seconds_path,
+        "seconds_refit": result.seconds - seconds_stats - seconds_path,
+    }
+    logger.info(
+        "SAGA done in %.1f s: %d path epochs, %d refit epochs",
+        result.seconds,
+        epochs_path,
+        sched.epochs_run - epochs_path,
+    )
+    return result
+
+
+def _run_path(
+    train_fit: _Rows,
+    val_eval: _Rows,
+    frame: _Frame,
+    lambdas: torch.Tensor,
+    tracker: PathTracker,
+    sched: _Schedule,
+    table_on_host: bool | None,
+    progress: bool,
+) -> torch.Tensor:
+    """Walk every target's path; returns the weights at each target's best validation MSE,
+    float32 ``(p, t)`` on the device."""
+    p, t = frame.shift.shape[0], lambdas.shape[0]
+    device = frame.shift.device
+    zeros = torch.zeros((p, t), dtype=torch.float32, device=device)
+    active = _start(train_fit, zeros, lambdas[:, 0], table_on_host)
+    bar = tqdm(total=t, desc="SAGA path: targets done", disable=not progress)
+    recorder = _PathRecorder(
+        tracker=tracker,
+        lambdas=lambdas,
+        val_rows=val_eval,
+        frame=frame,
+        n_train=train_fit.n,
+        best_weight=zeros.clone(),
+        steps=torch.zeros(t, dtype=torch.int64),
+        bar=bar,
+    )
+    try:
+        _drive(train_fit, frame, active, sched, recorder)
+    finally:
+        bar.close()
+    return recorder.best_weight
+
+
+def _refit(
+    source: RowSource,
+    train: np.ndarray,
+    val: np.ndarray,
+    train_stats: SufficientStats,
+    standardization: Standardization,
+    weight: torch.Tensor,
+    tracker: PathTracker,
+    sched: _Schedule,
+    table_on_host: bool | None,
+    *,
+    batch_size: int,
+    use_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target at its chosen lambda on train + validation rows, warm-started from
+    ``weight``; returns ``(weight (p, t), bias (t,))`` in the training standardization."""
+    device = weight.device
+    val_stats = accumulate_stats(source, val, batch_size=batch_size, device=device, gram=False)
+    frame = _Frame.of(train_stats + val_stats, standardization, use_bias=use_bias)
+    fit_rows = _Rows.with_table(source, np.concatenate([train, val]), batch_size, device)
+    refit_weight = _solve_fixed(
+        fit_rows, frame, tracker.chosen_lambda, weight, sched, table_on_host
+    ).weight
+    ids = torch.arange(weight.shape[1], device=device)
+    return refit_weight, frame.bias(refit_weight, ids, standardization.mean)
