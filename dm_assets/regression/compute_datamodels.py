@@ -134,7 +134,6 @@ def compute_datamodels(config: RegressionConfig, *, source: RowSource | None = N
         "batch_size": c["batch_size"],
         "use_bias": c["use_bias"],
         "device": device,
-        "max_iter": c["max_iter"],
         "min_lambdas": e["min_lambdas"],
         "patience": e["patience"],
         "refit": c["refit"],
@@ -150,7 +149,14 @@ def compute_datamodels(config: RegressionConfig, *, source: RowSource | None = N
         device,
     )
     if solver == "gram":
-        result = fit_gram(source, train_rows, val_rows, tol=c["tol"] or 1e-6, **common)
+        result = fit_gram(
+            source,
+            train_rows,
+            val_rows,
+            tol=c["tol"] or 1e-6,
+            max_iter=c["max_iter"] or 5000,
+            **common,
+        )
     else:
         from dm_assets.regression.saga import fit_saga
 

@@ -57,6 +57,12 @@ def _optional_float(value: object) -> float | None:
     return _float(value)
 
 
+def _optional_int(value: object) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _int(value)
+
+
 def _str(value: object) -> str:
     if value is None:
         raise ValueError("expected a string, got nothing")
@@ -98,7 +104,11 @@ PARAMS: dict[str, dict[str, _Param]] = {
             "convergence tolerance per lambda: relative duality gap "
             "(default 1e-6 for gram, 1e-4 for saga)",
         ),
-        "max_iter": _Param(_int, 5000, "iterations (gram) or epochs (saga) per lambda"),
+        "max_iter": _Param(
+            _optional_int,
+            None,
+            "iterations (gram, default 5000) or epochs (saga, default 200) per lambda",
+        ),
         "refit": _Param(_bool, True, "refit at the chosen lambda on train + validation"),
         "train_mode": _Param(_int, 0, "the seed's train_mode; only 0 is supported"),
     },
@@ -255,7 +265,7 @@ def _check_ranges(v: Mapping[str, Mapping[str, Any]]) -> list[str]:
         problems.append(f"cfg.tol={c['tol']} must be in (0, 1)")
     if c["solver"] not in ("auto", "gram", "saga"):
         problems.append(f"cfg.solver={c['solver']!r}: choose gram, saga or auto")
-    if c["max_iter"] < 1:
+    if c["max_iter"] is not None and c["max_iter"] < 1:
         problems.append(f"cfg.max_iter={c['max_iter']} must be positive")
     if c["num_workers"] < 1:
         problems.append(f"cfg.num_workers={c['num_workers']} must be positive")
