@@ -167,6 +167,7 @@ def compute_datamodels(config: RegressionConfig, *, source: RowSource | None = N
             tol=c["tol"] or 1e-4,
             lr=c["lr"],
             check_every=e["check_every"],
+            max_epochs=c["max_iter"] or 200,
             seed=d["seed"],
             **common,
         )
