@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from dm_assets.cli import configure_logging
+from dm_assets.regression.beton import BetonError
 from dm_assets.regression.config import ConfigError, RegressionConfig, load_config, parse_overrides
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.gram import fit_gram
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         fit = compute_datamodels(config)
         write_outputs(fit, out_dir, config)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, BetonError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     logger.info("wrote %s", out_dir)
