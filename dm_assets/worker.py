@@ -3,7 +3,7 @@ process.
 
     python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
         [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [--worker.kill_grace=SECONDS]
-        [SCRIPT ARGUMENTS ...]
+        [--worker.commit_every=SECONDS] [SCRIPT ARGUMENTS ...]
     python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
 
 For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Literal
 
+import numpy as np
+
 from dm_assets.cli import EXIT_FAILED, EXIT_USAGE, add_flag, configure_logging, make_parser, run
-from dm_assets.rows import RowError
+from dm_assets.rows import RowError, coerce_row
 from dm_assets.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -215,6 +217,87 @@ class _Deadline:
             self._watchdog.cancel()
 
 
+def _train(
+    store: Store,
+    routine: Routine,
+    index: int,
+    *,
+    do_if_complete: bool,
+    job_timeout: float | None,
+    hard_kill_grace: float,
+) -> tuple[IndexOutcome, dict[str, np.ndarray] | None]:
+    """Run ``routine`` for ``index`` and check its values; the row to store, or why not."""
+    start = time.perf_counter()
+
+    def outcome(status: Status, message: str = "") -> IndexOutcome:
+        return IndexOutcome(index, status, time.perf_counter() - start, message)
+
+    if not do_if_complete and store.is_completed(index):
+        logger.info(
+            "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
+        )
+        return outcome("skipped", "already completed"), None
+    logdir = store.worker_dir(index)
+    try:
+        with _Deadline(job_timeout, index, hard_kill_grace):
+            values = routine(index=index, logdir=str(logdir))
+    except JobTimeout as exc:
+        logger.error("index %d: %s; not stored", index, exc)
+        return outcome("timeout", str(exc)), None
+    except Exception as exc:  # the script's failure is this index's failure, not the worker's
+        logger.exception("index %d: main() raised %s; not stored", index, type(exc).__name__)
+        return outcome("failed", f"main() raised {type(exc).__name__}: {exc}"), None
+    except SystemExit as exc:  # e.g. fastargs' validate(mode="stderr") exits 0 on bad arguments
+        logger.error(
+            "index %d: main() called sys.exit(%r) instead of returning; not stored", index, exc.code
+        )
+        return outcome("failed", f"main() called sys.exit({exc.code!r})"), None
+    try:
+        row = coerce_row(values, store.spec.schema, index=index)
+    except RowError as exc:
+        logger.error("index %d: %s", index, exc)
+        return outcome("failed", str(exc)), None
+    return outcome("trained"), row
+
+
+class _GroupCommit:
+    """Rows trained but not yet stored, committed together (one fsync per file per group)
+    once the oldest has waited ``every`` seconds or they hold ``max_bytes``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        every: float,
+        overwrite: bool,
+        command: str | None,
+        max_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.store, self.every, self.overwrite, self.command = store, every, overwrite, command
+        self.max_bytes = max_bytes
+        self.rows: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.nbytes = 0
+        self.since = 0.0
+
+    def add(self, index: int, row: dict[str, np.ndarray]) -> None:
+        if not self.rows:
+            self.since = time.perf_counter()
+        self.rows.append((index, row))
+        self.nbytes += sum(a.nbytes for a in row.values())
+        if time.perf_counter() - self.since >= self.every or self.nbytes >= self.max_bytes:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.rows:
+            return
+        self.store.write_rows(self.rows, overwrite=self.overwrite)
+        if self.command is not None:
+            for _ in self.rows:
+                self.store.log_command(self.command)
+        logger.info("stored index(es) %s", ",".join(str(i) for i, _ in self.rows))
+        self.rows, self.nbytes = [], 0
+
+
 def train_index(
     store: Store,
     routine: Routine,
@@ -225,42 +308,17 @@ def train_index(
     hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
     command: str | None = None,
 ) -> IndexOutcome:
-    """Train model ``index`` with ``routine`` and store its row; never raises for its failures."""
-    start = time.perf_counter()
-
-    def outcome(status: Status, message: str = "") -> IndexOutcome:
-        return IndexOutcome(index, status, time.perf_counter() - start, message)
-
-    if not do_if_complete and store.is_completed(index):
-        logger.info(
-            "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
-        )
-        return outcome("skipped", "already completed")
-    logdir = store.worker_dir(index)
-    try:
-        with _Deadline(job_timeout, index, hard_kill_grace):
-            values = routine(index=index, logdir=str(logdir))
-    except JobTimeout as exc:
-        logger.error("index %d: %s; not stored", index, exc)
-        return outcome("timeout", str(exc))
-    except Exception as exc:  # the script's failure is this index's failure, not the worker's
-        logger.exception("index %d: main() raised %s; not stored", index, type(exc).__name__)
-        return outcome("failed", f"main() raised {type(exc).__name__}: {exc}")
-    except SystemExit as exc:  # e.g. fastargs' validate(mode="stderr") exits 0 on bad arguments
-        logger.error(
-            "index %d: main() called sys.exit(%r) instead of returning; not stored", index, exc.code
-        )
-        return outcome("failed", f"main() called sys.exit({exc.code!r})")
-    try:
-        store.write_row(index, values, overwrite=do_if_complete)
-    except RowError as exc:
-        logger.error("index %d: %s", index, exc)
-        return outcome("failed", str(exc))
-    if command is not None:
-        store.log_command(command)
-    result = outcome("trained")
-    logger.info("index %d: trained and stored in %.2f s", index, result.seconds)
-    return result
+    """Train model ``index`` with ``routine`` and store its row; never raises for its failures
+    (an index that fails is reported in the outcome and left incomplete)."""
+    return run_indices(
+        store,
+        routine,
+        [index],
+        do_if_complete=do_if_complete,
+        job_timeout=job_timeout,
+        hard_kill_grace=hard_kill_grace,
+        command=command,
+    ).outcomes[0]
 
 
 def run_indices(
@@ -272,21 +330,32 @@ def run_indices(
     job_timeout: float | None = None,
     hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
     command: str | None = None,
+    commit_every: float = 0.0,
 ) -> WorkerReport:
-    """Train every index in turn in this process; a failed index does not stop the others."""
+    """Train every index in turn in this process; a failed index does not stop the others.
+
+    Trained rows are stored in groups: a group is committed once its oldest row has waited
+    ``commit_every`` seconds (0: every row at once), and always before returning. A crash
+    loses at most the uncommitted group, whose indices stay incomplete.
+    """
     report = WorkerReport()
-    for index in indices:
-        report.outcomes.append(
-            train_index(
+    group = _GroupCommit(store, every=commit_every, overwrite=do_if_complete, command=command)
+    try:
+        for index in indices:
+            outcome, row = _train(
                 store,
                 routine,
                 index,
                 do_if_complete=do_if_complete,
                 job_timeout=job_timeout,
                 hard_kill_grace=hard_kill_grace,
-                command=command,
             )
-        )
+            report.outcomes.append(outcome)
+            if row is not None:
+                logger.info("index %d: trained in %.2f s", index, outcome.seconds)
+                group.add(index, row)
+    finally:
+        group.commit()
     return report
 
 
@@ -325,6 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive_float,
         default=None,
         help="seconds allowed per index (default: no limit)",
+    )
+    parser.add_argument(
+        "--worker.commit_every",
+        dest="commit_every",
+        type=float,
+        default=1.0,
+        help="seconds a trained row may wait to be stored with the next ones (one fsync per "
+        "file per group; default 1.0; 0: store each row at once)",
     )
     parser.add_argument(
         "--worker.kill_grace",
@@ -367,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             job_timeout=args.job_timeout,
             hard_kill_grace=args.kill_grace,
             command=command,
+            commit_every=args.commit_every,
         )
     logger.info("worker done: %s", report.summary())
     if report.exit_code and len(indices) > 1:

@@ -59,8 +59,8 @@ def check_consistent(store_dir: Path, generations: set[int]) -> dict[int, int]:
     return found
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_at_random_moments(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "commit_every"), [(0, "0"), (1, "0"), (2, "0.02")])
+def test_sigkill_at_random_moments(tmp_path: Path, seed: int, commit_every: str) -> None:
     rng = np.random.default_rng(seed)
     num_models = 24
     store_dir = tmp_path / "store"
@@ -73,7 +73,14 @@ def test_sigkill_at_random_moments(tmp_path: Path, seed: int) -> None:
         # every generation overwrites completed rows, so kills also land inside overwrites
         extra = ["--worker.do_if_complete"]
         stored_before = len(commands.read_text().splitlines()) if commands.exists() else 0
-        proc = start_worker(store_dir, f"0-{num_models - 1}", script, f"--gen={gen}", *extra)
+        proc = start_worker(
+            store_dir,
+            f"0-{num_models - 1}",
+            script,
+            f"--gen={gen}",
+            f"--worker.commit_every={commit_every}",
+            *extra,
+        )
         # kill once a random number of rows is stored, a random fraction of a row later
         target = stored_before + int(rng.integers(1, num_models - 4))
         deadline = time.monotonic() + 120

@@ -345,3 +345,30 @@ def test_status_and_ranges() -> None:
     assert status.fraction_completed == 0.8
     assert status.format_missing(limit=3) == "0, 2, 4, ... (17 more ranges)"
     assert "80/100 models completed (80.0%)" in str(status)
+
+
+def test_group_commit_fsyncs_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store.initialize(tmp_path, SPEC) as store:
+        store.write_row(3, row(3))
+        rec = _Recorder(monkeypatch)
+        store.write_rows([(i, row(i + 1)) for i in (1, 3, 7, 8)], overwrite=True)
+        kinds = [(e[0], e[1]) for e in rec.events]
+        fsyncs = [k for k in kinds if k[0] == "fsync"]
+        # the overwritten index's flag cleared (1), every data file (3), the flags (1)
+        assert len(fsyncs) == 5
+        assert kinds[:2] == [("pwrite", "_completed.npy"), ("fsync", "_completed.npy")]
+        first_flag_set = kinds.index(("pwrite", "_completed.npy"), 2)
+        assert all(k[1] != "_completed.npy" for k in kinds[2:first_flag_set])
+        assert kinds[-1] == ("fsync", "_completed.npy")
+        assert store.completed_indices().tolist() == [1, 3, 7, 8]
+        for i in (1, 3, 7, 8):
+            np.testing.assert_array_equal(store.read("margins")[i], row(i + 1)["margins"])
+        bad = [(2, row(2)), (4, {"masks": np.zeros(5)})]
+        with pytest.raises(RowError, match="model index 4"):
+            store.write_rows(bad)
+        assert not store.is_completed(2)  # checked before anything is written
+        with pytest.raises(StoreError, match="appears twice"):
+            store.write_rows([(5, row(5)), (5, row(5))])
+        with pytest.raises(StoreError, match=r"already completed"):
+            store.write_rows([(5, row(5)), (7, row(7))])
+        assert not store.is_completed(5)

@@ -248,3 +248,19 @@ def test_parse_indices() -> None:
     for bad in ["", "a", "3-", "5-2", "1,,2", "-1"]:
         with pytest.raises(ValueError, match="bad index list part"):
             parse_indices(bad)
+
+
+def test_group_commit_stores_everything(store_dir: Path) -> None:
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-9",
+        f"--worker.main_import={SCRIPT}",
+        "--worker.commit_every=60",
+        "--script.mode=raise",
+        "--script.bad=9",
+    )
+    assert proc.returncode == 1
+    assert "stored index(es) 0,1,2,3,4,5,6,7,8" in proc.stderr  # one group, after the failure
+    with Store.open(store_dir) as store:
+        assert store.completed_indices().tolist() == list(range(9))
+    assert len((store_dir / "cmds.txt").read_text().splitlines()) == 9
