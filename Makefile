@@ -26,6 +26,8 @@ unit:
 
 bench: setup
 	$(PY) benchmarks/store_bench.py
+	$(PY) benchmarks/regression_bench.py
+	$(PY) benchmarks/loader_bench.py
 
 clean:
 	rm -rf .dm .pytest_cache .mypy_cache .ruff_cache
