@@ -10,7 +10,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	@PY=$(PY) scripts/run_minimal.sh
+	@PY=$(PY) scripts/demo.sh
 
 test: setup lint typecheck unit
 

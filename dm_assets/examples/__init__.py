@@ -1,1 +1,1 @@
-"""Training scripts: ``minimal`` (the seed's smoke test)."""
+"""Training scripts: ``minimal`` (the seed's smoke test), ``synthetic`` (a planted answer)."""

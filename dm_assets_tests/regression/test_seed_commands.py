@@ -1,5 +1,6 @@
-"""The seed's whole pipeline through its command lines: a store filled by the worker, converted
-by write_dataset, fitted by compute_datamodels; the datamodels recover the planted weights."""
+"""The seed's whole pipeline through its command lines, on the shipped synthetic example: a
+store initialized from its spec, filled by the worker, converted by write_dataset, fitted by
+compute_datamodels with its config; the datamodels recover the planted weights."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dm_assets.examples.synthetic import train_synthetic as planted
 from dm_assets.spec import Spec
-from dm_assets.store import Store
-from dm_assets_tests.conftest import run_module
-from dm_assets_tests.scripts import planted
+from dm_assets_tests.conftest import REPO_ROOT, run_module
 
-CONFIG = """
+EXAMPLE = REPO_ROOT / "dm_assets" / "examples" / "synthetic"
+SEED_STYLE_CONFIG = """
 data:
     data_path: {beton}
     num_train: 1000
@@ -35,14 +36,24 @@ early_stopping:
 """
 
 
+def compute(*args: str, check: bool = True):
+    return run_module("dm_assets.regression.compute_datamodels", *args, check=check, timeout=300)
+
+
 def test_store_to_datamodels(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    Store.initialize(store, Spec.from_dict(planted.spec())).close()
+    assert Spec.load(EXAMPLE / "spec.json") == Spec.from_dict(planted.spec())
+    run_module(
+        "dm_assets.initialize_store",
+        f"--logging.logdir={store}",
+        f"--logging.spec={EXAMPLE / 'spec.json'}",
+        check=True,
+    )
     run_module(
         "dm_assets.worker",
         f"--worker.logdir={store}",
         "--worker.indices=0-1499",
-        "--worker.main_import=dm_assets_tests.scripts.planted",
+        "--worker.main_import=dm_assets.examples.synthetic.train_synthetic",
         check=True,
         timeout=300,
     )
@@ -56,25 +67,20 @@ def test_store_to_datamodels(tmp_path: Path) -> None:
         check=True,
         timeout=300,
     )
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG.format(beton=beton, out=tmp_path / "out"))
-    proc = run_module(
-        "dm_assets.regression.compute_datamodels",
+    compute(
         "-C",
-        str(config),
-        "--cfg.solver=gram",
+        str(EXAMPLE / "regression_config.yaml"),
+        f"--data.data_path={beton}",
+        f"--cfg.out_dir={tmp_path / 'out'}",
         "--cfg.device=cpu",
-        check=True,
-        timeout=300,
     )
-    assert "early_stopping.eps=0.5 is the seed's weight-change tolerance" in proc.stderr
     saved = torch.load(tmp_path / "out" / "datamodels.pt")
     raw = (saved["weight"] / saved["std"][:, None]).numpy()  # weights on raw masks
     w = planted.planted_weights()
     for j in range(planted.T):
         cos = raw[:, j] @ w[:, j] / np.linalg.norm(raw[:, j]) / np.linalg.norm(w[:, j])
         assert cos > 0.98, (j, cos)
-    # held-out models (rows 1200..1499 of the beton) are predicted well
+    # held-out models (rows 1200..1499 of the dataset) are predicted well
     masks = np.load(store / "masks.npy")[1200:]
     margins = np.load(store / "margins.npy")[1200:].astype(np.float64)
     pred = ((torch.from_numpy(masks).float() - saved["mean"]) / saved["std"]) @ saved["weight"]
@@ -84,33 +90,32 @@ def test_store_to_datamodels(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_models_in_dataset"] == 1500 and summary["solver"] == "gram"
 
-    # the same config with a target slice and the other solver, through overrides
-    proc = run_module(
-        "dm_assets.regression.compute_datamodels",
+    # a config in the seed's own words, a target slice, and the other solver
+    config = tmp_path / "config.yaml"
+    config.write_text(SEED_STYLE_CONFIG.format(beton=beton, out=tmp_path / "out2"))
+    proc = compute(
         "-C",
         str(config),
-        f"--cfg.out_dir={tmp_path / 'out2'}",
         "--data.target_start_ind=1",
         "--data.target_end_ind=3",
         "--cfg.solver=saga",
         "--cfg.lr=none",
         "--cfg.device=cpu",
-        check=True,
-        timeout=300,
     )
+    assert "early_stopping.eps=0.5 is the seed's weight-change tolerance" in proc.stderr
     sliced = torch.load(tmp_path / "out2" / "datamodels.pt")
     assert sliced["weight"].shape == (planted.P, 2)
     torch.testing.assert_close(sliced["weight"], saved["weight"][:, 1:3], atol=0.05, rtol=0.05)
 
     # refusing to overwrite, and a dataset too small for the split
-    proc = run_module("dm_assets.regression.compute_datamodels", "-C", str(config))
+    proc = compute("-C", str(config), check=False)
     assert proc.returncode == 1 and "already exists" in proc.stderr
-    proc = run_module(
-        "dm_assets.regression.compute_datamodels",
+    proc = compute(
         "-C",
         str(config),
         f"--cfg.out_dir={tmp_path / 'out3'}",
         "--data.num_train=1400",
+        check=False,
     )
     assert proc.returncode == 1 and "the dataset has 1500 models" in proc.stderr
     assert not (tmp_path / "out3").exists()
