@@ -3,8 +3,9 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/store_bench.py [--out benchmarks/results/store.json] [--quick]
+        [--group 32]
 
-What is measured (every number is taken for both ways in the same run, on the same disk):
+What is measured (every number is taken for every way in the same run, on the same disk):
 
 1. **Creation at the paper's CIFAR-10 scale** (300,000 models, ``masks`` bool [50000] and
    ``margins`` float16 [10000]: about 21 GB apparent size). Ours is
@@ -20,26 +21,38 @@ What is measured (every number is taken for both ways in the same run, on the sa
 2. **Concurrent writers**: P processes (P = 1, 2, 4, 8; ``fork`` context) write distinct,
    interleaved indices (process ``w`` writes ``w, w + P, w + 2P, ...``) into one fresh store,
    with a datamodels-shaped row (``masks`` bool [50000] + ``margins`` float16 [10000], about
-   70 KB). Ours is ``Store.write_row`` (checks the values, ``pwrite`` per key, ``fsync`` per
-   file, then the completion flag, ``fsync``); the seed's is, as its worker does, read the
-   ``_completed`` flag, then per key ``m = np.load(path, mmap_mode="r+")`` (cached per file and
-   mode per process) ``m[index] = value; m.flush()``, then the same for ``_completed``. Every
-   process opens its store before a barrier; the clock runs from the earliest process passing
-   the barrier to the latest finishing its last row (``time.perf_counter``, a system-wide
-   monotonic clock on Linux). The rows are generated before the processes start, so neither way
-   pays for them. Neither way's ``workers/<i>/`` directory nor ``cmds.txt`` line is included.
+   70 KB). Three ways write:
+
+   - ``ours``: ``Store.write_row`` per row, one commit per row (checks the values, ``pwrite``
+     per key, ``fsync`` per file, then the completion flag, ``fsync``);
+   - ``ours_group``: each process buffers its rows and calls ``Store.write_rows`` every G rows
+     (G = 32 unless ``--group`` says otherwise; the final, partial group at the end, before its
+     clock stops): one group commit per G rows (every row ``pwrite``-n, every touched file
+     fsynced once, then all G completion flags written and fsynced once), what the worker does
+     with ``--worker.commit_every`` (there the group is whatever finished training within the
+     wait, 1 s by default; here it is a fixed row count);
+   - ``seed``: as its worker does, read the ``_completed`` flag, then per key
+     ``m = np.load(path, mmap_mode="r+")`` (cached per file and mode per process)
+     ``m[index] = value; m.flush()``, then the same for ``_completed``.
+
+   Every process opens its store before a barrier; the clock runs from the earliest process
+   passing the barrier to the latest finishing its last row (``time.perf_counter``, a
+   system-wide monotonic clock on Linux). The rows are generated before the processes start, so
+   no way pays for them. No way's ``workers/<i>/`` directory nor ``cmds.txt`` line is included.
    After every run every row of every key, and every completion flag, is read back with
    ``np.load(..., mmap_mode="r")`` and compared with ``np.array_equal``; a mismatch aborts the
    benchmark. The same is repeated with a small row (one float32 [16] key, 64 bytes, 64 rows per
    4 KiB page) where neighbouring indices written by different processes share pages.
 
-How to read the ratios: every ratio is **ours / seed**. For seconds and bytes, below 1 means ours
-is faster or smaller; for rows/s, above 1 means ours is faster. Each timing is the median of
-``repeats`` runs (the writer tables also show min-max rows/s; the JSON keeps every run), and
-the order of the two ways alternates between repeats. Note that the seed's ``flush()`` is
-``msync(MS_SYNC)`` over the whole mapping, which on Linux also writes the dirty pages back and
-syncs the file's data range; ours additionally fsyncs the metadata and orders the completion
-flag after the data (the crash-safety protocol in ``dm_assets/store.py``).
+How to read the ratios: every ratio is **ours / seed** (in the writer tables also
+**ours_group / seed**). For seconds and bytes, below 1 means ours is faster or smaller; for
+rows/s, above 1 means ours is faster. Each timing is the median of ``repeats`` runs (the writer
+tables also show min-max rows/s; the JSON keeps every run), and the order of the ways changes
+between repeats (creation: alternates; writers: rotates, so each way takes each place). Note
+that the seed's ``flush()`` is ``msync(MS_SYNC)`` over the whole mapping, which on Linux also
+writes the dirty pages back and syncs the file's data range; ours additionally fsyncs the
+metadata and orders the completion flag after the data (the crash-safety protocol in
+``dm_assets/store.py``), and ``ours_group`` keeps that order for the whole group.
 
 The load average before and after is recorded: anything else running on the machine (builds,
 package installs, tests) competes for the disk and skews the numbers, so run it on a quiet
@@ -50,6 +63,7 @@ measure contention, not parallel speed-up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -81,7 +95,9 @@ CIFAR_SCHEMA: dict[str, dict[str, Any]] = {
     "margins": {"shape": [10000], "dtype": "float16"},
 }
 SMALL_SCHEMA: dict[str, dict[str, Any]] = {"logits": {"shape": [16], "dtype": "float32"}}
-WAYS = ("ours", "seed")
+WAYS = ("ours", "seed")  # creation
+WRITER_WAYS = ("ours", "ours_group", "seed")
+DEFAULT_GROUP_ROWS = 32
 BARRIER_TIMEOUT_S = 120.0
 MmapMode = Literal["r", "r+"]
 
@@ -97,6 +113,7 @@ class BenchConfig:
     small_models: int
     processes: tuple[int, ...]
     write_repeats: int
+    group_rows: int = DEFAULT_GROUP_ROWS  # ours_group: rows per Store.write_rows call
 
 
 FULL = BenchConfig(
@@ -180,20 +197,49 @@ class SeedWriter:
         self._maps.clear()
 
 
+class GroupWriter:
+    """``ours_group``: rows buffered, then ``Store.write_rows`` (one group commit) every
+    ``group_rows`` rows; :meth:`finish` commits the final, partial group."""
+
+    def __init__(self, directory: Path, group_rows: int) -> None:
+        if group_rows < 1:
+            raise ValueError(f"group_rows must be at least 1; got {group_rows}")
+        self.store = Store.open(directory)
+        self.group_rows = group_rows
+        self._pending: list[tuple[int, Mapping[str, np.ndarray]]] = []
+
+    def write_row(self, index: int, values: Mapping[str, np.ndarray]) -> None:
+        self._pending.append((index, values))
+        if len(self._pending) >= self.group_rows:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._pending:
+            self.store.write_rows(self._pending)
+            self._pending = []
+
+    def close(self) -> None:
+        self.store.close()
+
+
 class RowWriter(Protocol):
     def write_row(self, index: int, values: Mapping[str, np.ndarray]) -> None: ...
 
     def close(self) -> None: ...
 
 
-def open_writer(way: str, directory: Path, keys: Sequence[str]) -> RowWriter:
+def open_writer(
+    way: str, directory: Path, keys: Sequence[str], group_rows: int = DEFAULT_GROUP_ROWS
+) -> RowWriter:
     if way == "ours":
         return Store.open(directory)
+    if way == "ours_group":
+        return GroupWriter(directory, group_rows)
     return SeedWriter(directory, keys)
 
 
 def initialize(way: str, directory: Path, spec_dict: Mapping[str, Any]) -> None:
-    if way == "ours":
+    if way in ("ours", "ours_group"):
         Store.initialize(directory, Spec.from_dict(spec_dict)).close()
     else:
         directory.mkdir(parents=True, exist_ok=True)
@@ -364,14 +410,17 @@ def _writer_process(
     indices: range,
     barrier: Barrier,
     results: Any,
+    group_rows: int = DEFAULT_GROUP_ROWS,
 ) -> None:
     """One writer: open the store, wait at the barrier, write its rows, report its times."""
     try:
-        writer = open_writer(way, directory, list(rows))
+        writer = open_writer(way, directory, list(rows), group_rows)
         barrier.wait()
         start = time.perf_counter()
         for index in indices:
             writer.write_row(index, {key: arr[index] for key, arr in rows.items()})
+        if isinstance(writer, GroupWriter):
+            writer.finish()  # the final, partial group is inside the clock
         end = time.perf_counter()
         writer.close()
         results.put(("ok", start, end))
@@ -417,6 +466,7 @@ def run_writers(
     spec_dict: Mapping[str, Any],
     rows: Mapping[str, np.ndarray],
     processes: int,
+    group_rows: int = DEFAULT_GROUP_ROWS,
 ) -> dict[str, Any]:
     """Initialize a fresh store, write every row from ``processes`` processes, verify it."""
     ctx = mp.get_context("fork")
@@ -427,7 +477,15 @@ def run_writers(
     procs = [
         ctx.Process(
             target=_writer_process,
-            args=(way, directory, rows, range(w, num_models, processes), barrier, results),
+            args=(
+                way,
+                directory,
+                rows,
+                range(w, num_models, processes),
+                barrier,
+                results,
+                group_rows,
+            ),
         )
         for w in range(processes)
     ]
@@ -475,29 +533,30 @@ def bench_writers(
     num_models: int,
     processes: Sequence[int],
     repeats: int,
+    group_rows: int = DEFAULT_GROUP_ROWS,
 ) -> dict[str, Any]:
     spec_dict = {"num_models": num_models, "schema": dict(schema)}
     rows = make_rows(schema, num_models, seed=num_models)
     table = []
+    n_ways = len(WRITER_WAYS)
     for p in processes:
-        runs: dict[str, list[dict[str, Any]]] = {way: [] for way in WAYS}
+        runs: dict[str, list[dict[str, Any]]] = {way: [] for way in WRITER_WAYS}
         for rep in range(repeats):
-            order = WAYS if (rep + p) % 2 == 0 else WAYS[::-1]  # alternate who goes first
-            for way in order:
+            first = (rep + p) % n_ways  # rotate who goes first
+            for way in WRITER_WAYS[first:] + WRITER_WAYS[:first]:
                 directory = scratch / f"{name}-{way}-p{p}-r{rep}"
-                runs[way].append(run_writers(way, directory, spec_dict, rows, p))
-        ours = median([r["rows_per_s"] for r in runs["ours"]])
-        seed = median([r["rows_per_s"] for r in runs["seed"]])
+                runs[way].append(run_writers(way, directory, spec_dict, rows, p, group_rows))
+        rates = {way: median([r["rows_per_s"] for r in runs[way]]) for way in WRITER_WAYS}
         table.append(
             {
                 "processes": p,
-                "ours_rows_per_s": ours,
-                "seed_rows_per_s": seed,
-                "ratio_ours_over_seed": ratio(ours, seed),
-                "ours_rows_per_s_min_max": spread(runs["ours"]),
-                "seed_rows_per_s_min_max": spread(runs["seed"]),
-                "ours_allocated_bytes": runs["ours"][0]["allocated_bytes"],
-                "seed_allocated_bytes": runs["seed"][0]["allocated_bytes"],
+                **{f"{way}_rows_per_s": rates[way] for way in WRITER_WAYS},
+                "ratio_ours_over_seed": ratio(rates["ours"], rates["seed"]),
+                "ratio_ours_group_over_seed": ratio(rates["ours_group"], rates["seed"]),
+                **{f"{way}_rows_per_s_min_max": spread(runs[way]) for way in WRITER_WAYS},
+                **{
+                    f"{way}_allocated_bytes": runs[way][0]["allocated_bytes"] for way in WRITER_WAYS
+                },
                 "verified": True,
                 "runs": runs,
             }
@@ -505,6 +564,7 @@ def bench_writers(
     return {
         "spec": spec_dict,
         "row_bytes": sum(int(a[0].nbytes) for a in rows.values()),
+        "group_rows": group_rows,
         "results": table,
     }
 
@@ -558,20 +618,21 @@ def print_report(results: Mapping[str, Any]) -> None:
     ):
         w = results[key]
         schema = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in w["spec"]["schema"].items())
-        print(f"\n{title}: {schema} ({w['row_bytes']} B/row), {w['spec']['num_models']} rows")
         print(
-            f"{'processes':<11}{'ours rows/s':>12}{'(min-max)':>13}{'seed rows/s':>13}"
-            f"{'(min-max)':>13}{'ours/seed':>11}{'verified':>10}"
+            f"\n{title}: {schema} ({w['row_bytes']} B/row), {w['spec']['num_models']} rows; "
+            f"ours_group commits every {w['group_rows']} rows"
         )
+        header = "".join(f"{way + ' rows/s':>19}{'(min-max)':>16}" for way in WRITER_WAYS)
+        print(f"{'processes':<11}{header}{'ours/seed':>11}{'ours_group/seed':>17}{'verified':>10}")
         for r in w["results"]:
             verified = "yes" if r["verified"] else "NO"
-            ours_lo, ours_hi = r["ours_rows_per_s_min_max"]
-            seed_lo, seed_hi = r["seed_rows_per_s_min_max"]
+            cells = ""
+            for way in WRITER_WAYS:
+                lo, hi = r[f"{way}_rows_per_s_min_max"]
+                cells += f"{r[f'{way}_rows_per_s']:>19.0f}{f'({lo:.0f}-{hi:.0f})':>16}"
             print(
-                f"{r['processes']:<11}{r['ours_rows_per_s']:>12.0f}"
-                f"{f'({ours_lo:.0f}-{ours_hi:.0f})':>13}{r['seed_rows_per_s']:>13.0f}"
-                f"{f'({seed_lo:.0f}-{seed_hi:.0f})':>13}"
-                f"{fmt_ratio(r['ratio_ours_over_seed']):>11}{verified:>10}"
+                f"{r['processes']:<11}{cells}{fmt_ratio(r['ratio_ours_over_seed']):>11}"
+                f"{fmt_ratio(r['ratio_ours_group_over_seed']):>17}{verified:>10}"
             )
     print(f"\ntotal benchmark time: {results['total_s']:.1f} s")
 
@@ -587,8 +648,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder for the temporary stores (same disk as the real ones; "
         "not tmpfs); everything made there is deleted afterwards",
     )
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=DEFAULT_GROUP_ROWS,
+        metavar="G",
+        help=f"ours_group: rows per Store.write_rows call (default {DEFAULT_GROUP_ROWS})",
+    )
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    if args.group < 1:
+        parser.error(f"--group must be at least 1; got {args.group}")
+    cfg = dataclasses.replace(QUICK if args.quick else FULL, group_rows=args.group)
     started = time.perf_counter()
     with scratch_directory(args.scratch) as scratch:
         machine = {
@@ -604,16 +674,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         creation = bench_creation(scratch, cfg)
         print("2a. writers, datamodels row ...", flush=True)
         large = bench_writers(
-            scratch, "large", CIFAR_SCHEMA, cfg.writer_models, cfg.processes, cfg.write_repeats
+            scratch,
+            "large",
+            CIFAR_SCHEMA,
+            cfg.writer_models,
+            cfg.processes,
+            cfg.write_repeats,
+            cfg.group_rows,
         )
         print("2b. writers, small row ...", flush=True)
         small = bench_writers(
-            scratch, "small", SMALL_SCHEMA, cfg.small_models, cfg.processes, cfg.write_repeats
+            scratch,
+            "small",
+            SMALL_SCHEMA,
+            cfg.small_models,
+            cfg.processes,
+            cfg.write_repeats,
+            cfg.group_rows,
         )
     machine["loadavg_1_5_15_after"] = list(os.getloadavg())
     results = {
         "benchmark": "dm_assets store vs seed (MadryLab datamodels) memmap store",
-        "ratios": "ours / seed: seconds and bytes below 1 favour ours; rows/s above 1 favour ours",
+        "ratios": "ours / seed (writers also ours_group / seed): seconds and bytes below 1 "
+        "favour ours; rows/s above 1 favour ours",
         "quick": args.quick,
         "machine": machine,
         "config": cfg.__dict__,
