@@ -119,7 +119,7 @@ PARAMS: dict[str, dict[str, _Param]] = {
         "train_mode": _Param(_int, 0, "the seed's train_mode; only 0 is supported"),
     },
     "early_stopping": {
-        "check_every": _Param(_int, 2, "epochs between convergence checks (saga)"),
+        "check_every": _Param(_int, 1, "epochs between convergence checks (saga)"),
         "eps": _Param(
             _optional_float, None, "the seed's weight-change tolerance: not used (see cfg.tol)"
         ),

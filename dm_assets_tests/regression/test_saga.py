@@ -23,6 +23,7 @@ from sklearn.linear_model import Lasso, lasso_path
 from dm_assets.regression.data import ArraySource
 from dm_assets.regression.path import LassoPathResult
 from dm_assets.regression.saga import (
+    CACHE_BYTES,
     SagaConvergenceWarning,
     SagaDivergedError,
     fit_saga,
@@ -91,6 +92,108 @@ def test_fixed_lambda_without_bias_matches_sklearn() -> None:
         assert abs(ours - best) / best < 1e-3
 
 
+@pytest.mark.parametrize("cache_bytes", [CACHE_BYTES, 0])
+def test_reported_gap_and_objective_are_those_of_the_weights(cache_bytes: int) -> None:
+    """The exact check runs inside an epoch where the target takes no step: the duality gap and
+    objective it reports must be those of the returned weights, recomputed here in float64."""
+    prob = planted_problem(n=1500, p=80, t=3, seed=6)
+    rows = prob.train
+    x_std, _, _ = standardize(prob.x, rows)
+    lam = 0.05 * lambda_max_exact(x_std[rows], prob.y[rows])
+    sol = saga_fixed_lambda(
+        ArraySource(prob.x, prob.y),
+        rows,
+        torch.tensor(lam),
+        batch_size=64,
+        cache_bytes=cache_bytes,
+    )
+    z = x_std[rows] - x_std[rows].mean(0)
+    u = prob.y[rows].astype(np.float64) - prob.y[rows].mean(0)
+    w = sol.weight.numpy().astype(np.float64)
+    r = z @ w - u
+    grad = z.T @ r / len(rows)
+    half_mse, l1 = (r * r).mean(0) / 2, np.abs(w).sum(0)
+    s = np.minimum(1.0, lam / np.abs(grad).max(0))
+    gap = (1 + s * s) * half_mse + lam * l1 - s * (2 * half_mse - (w * grad).sum(0))
+    np.testing.assert_allclose(sol.objective.numpy(), half_mse + lam * l1, rtol=1e-5)
+    np.testing.assert_allclose(sol.gap.numpy(), gap, rtol=1e-2, atol=1e-6 * float(u.var(0).min()))
+    assert bool(sol.converged.all()) and np.all(gap <= 1e-4 * u.var(0))
+
+
+def test_strongly_correlated_columns_converge() -> None:
+    """Groups of ten near-copies of a column (curvature near 10 where the full-gradient step
+    assumes 1) at a fixed lambda: the fits match coordinate descent (without the full-gradient
+    step they need 1100 epochs and more here)."""
+    rng = np.random.default_rng(3)
+    base = rng.random((1500, 20)) < 0.5
+    x = np.concatenate([base] + [base ^ (rng.random(base.shape) < 0.02) for _ in range(9)], 1)
+    w = np.zeros((200, 2))
+    w[rng.choice(20, 4, replace=False), 0] = 1.0
+    w[rng.choice(20, 4, replace=False), 1] = -1.5
+    y = (x @ w + 0.5 * rng.normal(size=(1500, 2))).astype(np.float32)
+    rows = np.arange(1200)
+    x_std, _, _ = standardize(x, rows)
+    lam = 0.05 * lambda_max_exact(x_std[rows], y[rows])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SagaConvergenceWarning)
+        sol = saga_fixed_lambda(
+            ArraySource(x, y), rows, torch.tensor(lam), batch_size=64, max_epochs=1000
+        )
+    for j in range(2):
+        ref = Lasso(alpha=lam[j], tol=1e-10, max_iter=100_000).fit(x_std[rows], y[rows, j])
+        ours = objective(
+            x_std[rows], y[rows, j], sol.weight[:, j].numpy(), float(sol.bias[j]), lam[j]
+        )
+        best = objective(x_std[rows], y[rows, j], ref.coef_, float(ref.intercept_), lam[j])
+        assert (ours - best) / best < 1e-3
+
+
+def test_path_on_nearly_duplicated_columns_converges() -> None:
+    """Thirty near-copies of each of 10 columns (curvature near 30 where the full-gradient step
+    assumes 1): the step's size backs off where it overshoots, and every fit converges (without
+    the step 1 fit, without its back-off 9 fits reach 2000 epochs here; with both at most
+    1500)."""
+    rng = np.random.default_rng(1)
+    base = rng.random((1000, 10)) < 0.5
+    x = np.concatenate([base] + [base ^ (rng.random(base.shape) < 0.01) for _ in range(29)], 1)
+    w = np.zeros((300, 2), np.float32)
+    w[rng.choice(10, 1), 0], w[rng.choice(10, 1), 1] = rng.normal(size=2)
+    signal = x.astype(np.float32) @ w
+    y = signal + rng.normal(size=signal.shape).astype(np.float32) * signal.std(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SagaConvergenceWarning)
+        res = fit_saga(
+            ArraySource(x, y),
+            np.arange(800),
+            np.arange(800, 1000),
+            k=12,
+            eps=1e-2,
+            batch_size=128,
+            refit=False,
+            max_epochs=2000,
+        )
+    assert res.info["capped_fits"] == 0
+
+
+def test_cached_and_streamed_rows_agree() -> None:
+    """Cached rows (fixed minibatches, visited in a new order each epoch) and rows streamed
+    from the source (new minibatches each epoch) solve the same problems."""
+    prob = planted_problem(n=2000, p=100, t=3, seed=2)
+    src = ArraySource(prob.x, prob.y)
+    kwargs = {"k": 15, "eps": 1e-2, "batch_size": 128, "refit": False}
+    cached = fit_saga(src, prob.train, prob.val, **kwargs)
+    streamed = fit_saga(src, prob.train, prob.val, cache_bytes=0, **kwargs)
+    assert cached.info["cached"] == 1 and streamed.info["cached"] == 0
+    assert torch.equal(cached.best_step, streamed.best_step)
+    walked = ~cached.val_mse.isnan()
+    assert torch.equal(walked, ~streamed.val_mse.isnan())
+    np.testing.assert_allclose(cached.val_mse[walked], streamed.val_mse[walked], rtol=2e-2)
+    # rows beyond the budget stream
+    over_budget = fit_saga(src, prob.train, prob.val, cache_bytes=10_000, **kwargs)
+    assert over_budget.info["cached"] == 0
+    assert torch.equal(over_budget.weight, streamed.weight)
+
+
 def test_read_only_memmap_gives_the_same_solution(tmp_path: Path) -> None:
     prob = planted_problem(n=400, p=40, t=2, seed=3)
     np.save(tmp_path / "x.npy", prob.x)
@@ -152,6 +255,9 @@ def test_planted_weights_recovered(planted_fit: tuple[LassoPathResult, Problem, 
     assert cosine(res.weight.numpy(), prob.w * res.std.numpy()[:, None]).min() >= 0.95
     assert res.info["capped_fits"] == 0 and res.info["epochs_per_lambda_max"] < 50
     assert seconds < 30
+    # the gap estimate sends a target to its exact check about once per lambda
+    walked = int((~res.val_mse.isnan()).sum())
+    assert res.info["checked_targets"] <= 1.5 * walked
 
 
 def test_validation_choice_matches_sklearn_path(
@@ -237,9 +343,19 @@ def test_invalid_arguments_are_all_reported() -> None:
             batch_size=0,
             lr=-1.0,
             tol=0.0,
+            cache_bytes=-1,
         )
     message = str(info.value)
-    for name in ["train_rows", "share row positions", "k (", "eps", "batch_size", "lr", "tol"]:
+    for name in [
+        "train_rows",
+        "share row positions",
+        "k (",
+        "eps",
+        "batch_size",
+        "lr",
+        "tol",
+        "cache_bytes",
+    ]:
         assert name in message
 
 
