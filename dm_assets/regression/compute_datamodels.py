@@ -43,7 +43,7 @@ import yaml
 from dm_assets.cli import configure_logging
 from dm_assets.regression.beton import BetonError
 from dm_assets.regression.config import ConfigError, RegressionConfig, load_config, parse_overrides
-from dm_assets.regression.data import ArraySource, RowSource, in_memory_bytes, load_into_memory
+from dm_assets.regression.data import RowSource
 from dm_assets.regression.gram import fit_gram
 from dm_assets.regression.path import LassoPathResult
 from dm_assets.regression.stats import accumulate_stats
@@ -161,16 +161,6 @@ def compute_datamodels(config: RegressionConfig, *, source: RowSource | None = N
     else:
         from dm_assets.regression.saga import fit_saga
 
-        # SAGA passes over the rows once per epoch: hold them in memory when they fit, so a
-        # streaming loader's per-pass start-up is paid once
-        if not isinstance(source, ArraySource) and in_memory_bytes(source) <= c["cache_bytes"]:
-            logger.info(
-                "reading the %d rows into memory (%.1f MB) for SAGA's epochs",
-                source.n_rows,
-                in_memory_bytes(source) / 1e6,
-            )
-            source = load_into_memory(source)
-
         result = fit_saga(
             source,
             train_rows,
@@ -180,6 +170,7 @@ def compute_datamodels(config: RegressionConfig, *, source: RowSource | None = N
             check_every=e["check_every"],
             max_epochs=c["max_iter"] or 200,
             seed=d["seed"],
+            cache_bytes=c["cache_bytes"],
             **common,
         )
     seconds = time.perf_counter() - start

@@ -112,9 +112,9 @@ PARAMS: dict[str, dict[str, _Param]] = {
         "refit": _Param(_bool, True, "refit at the chosen lambda on train + validation"),
         "cache_bytes": _Param(
             _int,
-            4 * 2**30,
-            "saga holds the dataset in memory when it takes at most this "
-            "many bytes (default 4 GiB; 0: always stream)",
+            2**30,
+            "saga keeps the training (and validation) rows, standardized, in memory on the "
+            "device when they take at most this many bytes (default 1 GiB; 0: always stream)",
         ),
         "train_mode": _Param(_int, 0, "the seed's train_mode; only 0 is supported"),
     },

@@ -92,26 +92,3 @@ class ArraySource:
             x = torch.from_numpy(np.asarray(self.x[part], dtype=np.float32))
             y = torch.from_numpy(np.asarray(self.y[part], dtype=np.float32))
             yield x.to(device), y.to(device), torch.from_numpy(part).to(device)
-
-
-def load_into_memory(source: RowSource, *, batch_size: int = 4096) -> ArraySource:
-    """Every row of ``source`` read once, in order, into host memory: masks as uint8
-    ``(n_rows, n_features)``, targets float32 ``(n_rows, n_targets)``.
-
-    Solvers that pass over the rows many times (SAGA: one pass per epoch) then skip a streaming
-    loader's per-pass start-up cost. Memory: ``n_rows * (n_features + 4 * n_targets)`` bytes.
-    """
-    n, p, t = source.n_rows, source.n_features, source.n_targets
-    x = np.empty((n, p), dtype=np.uint8)
-    y = np.empty((n, t), dtype=np.float32)
-    cpu = torch.device("cpu")
-    for xb, yb, rows in source.batches(np.arange(n), batch_size, device=cpu):
-        idx = rows.numpy()
-        x[idx] = xb.numpy().astype(np.uint8)
-        y[idx] = yb.numpy()
-    return ArraySource(x, y)
-
-
-def in_memory_bytes(source: RowSource) -> int:
-    """Host memory :func:`load_into_memory` would take for ``source``."""
-    return source.n_rows * (source.n_features + 4 * source.n_targets)
