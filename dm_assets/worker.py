@@ -3,7 +3,7 @@ process.
 
     python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
         [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [--worker.kill_grace=SECONDS]
-        [--worker.commit_every=SECONDS] [SCRIPT ARGUMENTS ...]
+        [--worker.commit_every=SECONDS] [--worker.report=PATH] [SCRIPT ARGUMENTS ...]
     python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
 
 For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
@@ -15,11 +15,24 @@ fastargs sections they are filled from it as the seed's worker does.
 Exit status: 0 when every index was trained or skipped as already completed; 1 when any index
 failed (an exception, or values that do not fit the spec); 124 when every failure was a
 timeout; 2 for a usage error. A failed index is never marked completed.
+
+With ``--worker.report=PATH`` the worker also writes what happened as JSON, replacing ``PATH``
+atomically (a temporary file renamed), once, when it ends; only a process that dies (SIGKILL, a
+crash, the hard timeout kill) leaves none::
+
+    {"outcomes": [{"index": 3, "status": "trained", "seconds": 0.41, "message": ""}, ...],
+     "exit_code": 1,
+     "error": "StoreError: ..."}      # only when the worker itself failed, not an index
+
+``outcomes`` lists the indices that ran, in order (``status``: trained, skipped, failed or
+timeout; ``seconds``: wall time of ``main`` for that index); ``exit_code`` is the process's.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import logging
 import os
 import re
@@ -28,7 +41,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Literal
 
@@ -331,14 +345,18 @@ def run_indices(
     hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
     command: str | None = None,
     commit_every: float = 0.0,
+    report: WorkerReport | None = None,
 ) -> WorkerReport:
     """Train every index in turn in this process; a failed index does not stop the others.
 
     Trained rows are stored in groups: a group is committed once its oldest row has waited
     ``commit_every`` seconds (0: every row at once), and always before returning. A crash
     loses at most the uncommitted group, whose indices stay incomplete.
+
+    Outcomes are appended to ``report`` when given (so a caller still holds those of the
+    indices that ran when something raises) and it is returned; else to a new report.
     """
-    report = WorkerReport()
+    report = WorkerReport() if report is None else report
     group = _GroupCommit(store, every=commit_every, overwrite=do_if_complete, command=command)
     try:
         for index in indices:
@@ -357,6 +375,43 @@ def run_indices(
     finally:
         group.commit()
     return report
+
+
+def write_report(
+    path: str | os.PathLike[str], report: WorkerReport, exit_code: int, error: str | None = None
+) -> None:
+    """Write ``report`` and the process's ``exit_code`` as JSON to ``path``, atomically: readers
+    see the previous file or the whole new one, never a part (not fsynced: it is for the
+    process that launched this one, not a record that must survive a power loss)."""
+    path = Path(path)
+    data: dict[str, object] = {
+        "outcomes": [asdict(o) for o in report.outcomes],
+        "exit_code": exit_code,
+    }
+    if error:
+        data["error"] = error
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_report(path: str | os.PathLike[str]) -> tuple[WorkerReport, int, str | None]:
+    """``(report, exit_code, error)`` from a file written by :func:`write_report`.
+
+    Raises ``ValueError`` naming the file when its content is not such a report.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        outcomes = [
+            IndexOutcome(int(o["index"]), o["status"], float(o["seconds"]), str(o["message"]))
+            for o in data["outcomes"]
+        ]
+        return WorkerReport(outcomes), int(data["exit_code"]), data.get("error")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a worker report ({type(exc).__name__}: {exc})") from exc
 
 
 def _positive_float(text: str) -> float:
@@ -411,6 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds a timed-out script gets to unwind before the process is "
         f"ended with exit {EXIT_TIMEOUT} (default {HARD_KILL_GRACE_SECONDS:g})",
     )
+    parser.add_argument(
+        "--worker.report",
+        dest="report",
+        default=None,
+        help="write the outcomes and exit status as JSON to this file when the worker ends "
+        "(replaced atomically; see the module's documentation)",
+    )
     args, passthrough = parser.parse_known_args(argv)
     ours = [a for a in passthrough if a.startswith("--worker.")]
     if ours:
@@ -420,6 +482,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging()
+    report = WorkerReport()
+    error: str | None = None
+    try:
+        code = _run_worker(parser, args, indices, passthrough, argv, report)
+    except ScriptArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code, error = EXIT_USAGE, str(exc)
+    except SystemExit as exc:  # parser.error once the store is open: a bad index
+        if args.report is not None:
+            code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+            write_report(args.report, report, code, error="usage error; see the worker's log")
+        raise
+    except Exception as exc:  # reported, then left to run() (a message) or Python (a traceback)
+        if args.report is not None:
+            write_report(args.report, report, EXIT_FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    if args.report is not None:
+        write_report(args.report, report, code, error=error)
+    return code
+
+
+def _run_worker(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    indices: list[int],
+    passthrough: list[str],
+    argv: list[str],
+    report: WorkerReport,
+) -> int:
+    """Open the store, import the script and train ``indices``; outcomes go into ``report``.
+
+    Raises :class:`ScriptArgumentsError` when the script's own arguments are invalid.
+    """
     store = Store.open(args.logdir)
     bad = [i for i in indices if not 0 <= i < store.spec.num_models]
     if bad:
@@ -430,13 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The script sees its own arguments only, as if it had been run directly with them.
     sys.argv = [args.main_import, *passthrough]
     routine = load_routine(args.main_import)
-    try:
-        collect_fastargs_arguments()
-    except ScriptArgumentsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    collect_fastargs_arguments()
     with store:
-        report = run_indices(
+        run_indices(
             store,
             routine,
             indices,
@@ -445,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hard_kill_grace=args.kill_grace,
             command=command,
             commit_every=args.commit_every,
+            report=report,
         )
     logger.info("worker done: %s", report.summary())
     if report.exit_code and len(indices) > 1:
@@ -463,6 +555,8 @@ __all__ = [
     "WorkerReport",
     "main",
     "parse_indices",
+    "read_report",
     "run_indices",
     "train_index",
+    "write_report",
 ]

@@ -264,3 +264,54 @@ def test_group_commit_stores_everything(store_dir: Path) -> None:
     with Store.open(store_dir) as store:
         assert store.completed_indices().tolist() == list(range(9))
     assert len((store_dir / "cmds.txt").read_text().splitlines()) == 9
+
+
+def test_report_file(store_dir: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text("stale")  # replaced whole
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+        "--script.mode=raise",
+        "--script.bad=2",
+    )
+    assert proc.returncode == 1
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and "error" not in data
+    assert [(o["index"], o["status"]) for o in data["outcomes"]] == [
+        (0, "trained"),
+        (1, "trained"),
+        (2, "failed"),
+        (3, "trained"),
+    ]
+    assert "training of model 2 blew up" in data["outcomes"][2]["message"]
+    assert all(o["seconds"] >= 0 for o in data["outcomes"])
+    assert data["outcomes"][0]["message"] == ""
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
+    # a rerun: 0, 1, 3 skipped, 2 trained, exit 0
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 0
+    assert [o["status"] for o in data["outcomes"]] == ["skipped", "skipped", "trained", "skipped"]
+
+
+def test_report_written_when_the_worker_itself_fails(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    proc = worker(
+        tmp_path / "nowhere",
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+    )
+    assert proc.returncode == 1
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and data["outcomes"] == []
+    assert data["error"].startswith("StoreError: no store at")
