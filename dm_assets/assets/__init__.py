@@ -1,0 +1,61 @@
+"""Asset factories: one group of assets, checks and jobs per experiment."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from dm_assets.assets.regression import regression_assets
+from dm_assets.assets.training import GPU_POOL, HomeResource, training_assets
+from dm_assets.experiment import Experiment
+
+__all__ = ["GPU_POOL", "HomeResource", "experiment_assets", "experiment_jobs"]
+
+
+def experiment_assets(
+    experiment: Experiment,
+) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    """The experiment's assets and checks, keys prefixed with its name: ``store``,
+    ``model_outputs`` and, when it has a regression section, ``regression_dataset`` and
+    ``datamodels``."""
+    assets = training_assets(experiment)
+    if experiment.regression is not None:
+        assets.extend(regression_assets(experiment, experiment.regression))
+    return assets
+
+
+def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinition]:
+    """``<name>_train`` (store and training partitions), ``<name>_fit`` (dataset and
+    datamodels, when the experiment has a regression) and ``<name>_all`` (everything)."""
+    name = experiment.name
+    partitions = dg.StaticPartitionsDefinition(experiment.partition_keys())
+    train = dg.AssetSelection.assets(dg.AssetKey([name, "store"]), dg.AssetKey([name, "model_outputs"]))
+    jobs = [
+        dg.define_asset_job(
+            f"{name}_train",
+            selection=train,
+            partitions_def=partitions,
+            description=f"Initialize the store of {name!r} and train the selected partitions.",
+        )
+    ]
+    if experiment.regression is not None:
+        fit = dg.AssetSelection.assets(
+            dg.AssetKey([name, "regression_dataset"]), dg.AssetKey([name, "datamodels"])
+        )
+        jobs.append(
+            dg.define_asset_job(
+                f"{name}_fit",
+                selection=fit,
+                description=f"Write the dataset of {name!r}'s completed models and fit the "
+                "datamodels.",
+            )
+        )
+    jobs.append(
+        dg.define_asset_job(
+            f"{name}_all",
+            selection=dg.AssetSelection.groups(name),
+            partitions_def=partitions,
+            description=f"Everything of {name!r}: store, the selected training partitions, "
+            "dataset, datamodels.",
+        )
+    )
+    return jobs

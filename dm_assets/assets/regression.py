@@ -1,0 +1,204 @@
+"""The fitting half of an experiment's graph: ``<name>/regression_dataset`` (the FFCV beton of
+completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import torch
+
+from dm_assets.assets.training import GPU_POOL, HomeResource
+from dm_assets.experiment import Experiment, RegressionSettings
+from dm_assets.regression.beton import BetonError, beton_info, write_beton
+from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
+from dm_assets.regression.config import ConfigError
+from dm_assets.resources.devices import DeviceSlotsResource
+from dm_assets.resources.tracking import MlflowTracking
+from dm_assets.store import Store
+
+
+def _point_link(link: Path, target: Path) -> None:
+    """Make ``link`` point at ``target`` (relative), replacing an older link atomically."""
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+def _fit_id(context: dg.AssetExecutionContext) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{context.run_id[:8]}"
+
+
+def regression_assets(
+    experiment: Experiment, regression: RegressionSettings
+) -> list[dg.AssetsDefinition]:
+    name = experiment.name
+    outputs_key = dg.AssetKey([name, "model_outputs"])
+    dataset_key = dg.AssetKey([name, "regression_dataset"])
+    datamodels_key = dg.AssetKey([name, "datamodels"])
+    min_r2 = experiment.checks.min_mean_val_r2
+
+    @dg.asset(
+        key=dataset_key,
+        group_name=name,
+        deps=[outputs_key],
+        description=f"The FFCV dataset of the completed rows of {name!r}: fields mask "
+        f"({regression.x_name}), targets ({regression.y_name}, float32) and idx (the model "
+        "index), in increasing model index.",
+        kinds={"ffcv"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "rows_match_store",
+                asset=dataset_key,
+                blocking=True,
+                description="The dataset holds exactly the completed models of the store "
+                "(the same set of model indices).",
+            )
+        ],
+    )
+    def regression_dataset(context: dg.AssetExecutionContext, home: HomeResource):  # type: ignore[no-untyped-def]
+        paths = experiment.paths(home.path or None)
+        with Store.open(paths.store) as store:
+            completed = store.completed_indices()
+        try:
+            summary = write_beton(
+                paths.store, paths.beton, x_name=regression.x_name, y_name=regression.y_name
+            )
+        except BetonError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        context.log.info("wrote %s", summary)
+        yield dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(summary.path)),
+                "rows": summary.rows,
+                "bytes": summary.nbytes,
+                "idx_min": summary.idx_min,
+                "idx_max": summary.idx_max,
+                "n_features": summary.n_features,
+                "n_targets": summary.n_targets,
+                "seconds": summary.seconds,
+            }
+        )
+        written = beton_info(paths.beton).model_indices
+        missing = np.setdiff1d(completed, written)
+        extra = np.setdiff1d(written, completed)
+        yield dg.AssetCheckResult(
+            check_name="rows_match_store",
+            passed=bool(len(missing) == 0 and len(extra) == 0),
+            metadata={
+                "dataset_rows": len(written),
+                "completed_rows": len(completed),
+                "completed_not_in_dataset": len(missing),
+                "in_dataset_not_completed": len(extra),
+            },
+        )
+
+    floor_text = "none" if min_r2 is None else f"{min_r2:g}"
+
+    @dg.asset(
+        key=datamodels_key,
+        group_name=name,
+        deps=[dataset_key],
+        pool=GPU_POOL,
+        description=f"Datamodels of {name!r}: one LASSO path per target on the first "
+        "num_train models, lambda chosen on the next num_val, refit; fit folders under "
+        f"$DM_HOME/{name}/fits/, the latest linked as $DM_HOME/{name}/datamodels. One MLflow "
+        "run per fit with a metric point per lambda step.",
+        kinds={"pytorch", "mlflow"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "finite_weights",
+                asset=datamodels_key,
+                description="Every weight, bias and chosen lambda is finite.",
+            ),
+            dg.AssetCheckSpec(
+                "mean_val_r2_floor",
+                asset=datamodels_key,
+                description=f"Mean validation R^2 over targets at least {floor_text}.",
+            ),
+        ],
+    )
+    def datamodels(  # type: ignore[no-untyped-def]
+        context: dg.AssetExecutionContext,
+        home: HomeResource,
+        devices: DeviceSlotsResource,
+        tracking: MlflowTracking,
+    ):
+        paths = experiment.paths(home.path or None)
+        fit_dir = paths.fits / _fit_id(context)
+        config = regression.config(data_path=paths.beton, out_dir=fit_dir)
+        started = time.perf_counter()
+        with devices.acquire(
+            experiment.devices,
+            max_count=1,
+            on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
+        ) as lease:
+            device = lease.devices[0]
+            values = config.to_dict()
+            if values["cfg"]["device"] == "auto":
+                # the leased slot decides which device this process fits on
+                values["cfg"]["device"] = (
+                    f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
+                )
+                config = type(config)(values=values, source=config.source)
+            context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
+            try:
+                fit = compute_datamodels(config)
+            except (ConfigError, BetonError) as exc:
+                raise dg.Failure(description=str(exc)) from exc
+        write_outputs(fit, fit_dir, config)
+        _point_link(paths.datamodels, fit_dir)
+        seconds = time.perf_counter() - started
+        summary = fit.summary
+        run_id = tracking.log_regression(
+            experiment=name,
+            fit_dir=fit_dir,
+            run_name=f"{name} {fit_dir.name}",
+            tags={
+                "dagster.run_id": context.run_id,
+                "dagster.asset_key": datamodels_key.to_user_string(),
+                "dagster.partition": context.partition_key if context.has_partition_key else "",
+                "dm_assets.experiment": name,
+            },
+        )
+        result = fit.result
+        weight = result.weight
+        mean_r2 = float(summary["mean_val_r2"])
+        meta: dict[str, dg.RawMetadataValue] = {
+            "fit_dir": dg.MetadataValue.path(str(fit_dir)),
+            "targets": int(weight.shape[1]),
+            "features": int(weight.shape[0]),
+            "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
+            "mean_nonzeros": float(summary["mean_nonzeros"]),
+            "mean_val_r2": mean_r2,
+            "seconds": seconds,
+            "solver": str(summary["solver"]),
+        }
+        if run_id is not None:
+            meta["mlflow_run_id"] = run_id
+            meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
+        yield dg.MaterializeResult(metadata=meta)
+        finite = bool(
+            torch.isfinite(weight).all()
+            and torch.isfinite(result.bias).all()
+            and torch.isfinite(result.lam).all()
+        )
+        yield dg.AssetCheckResult(
+            check_name="finite_weights",
+            passed=finite,
+            metadata={"weights": int(weight.numel())},
+        )
+        yield dg.AssetCheckResult(
+            check_name="mean_val_r2_floor",
+            passed=True if min_r2 is None else bool(math.isfinite(mean_r2) and mean_r2 >= min_r2),
+            metadata={"mean_val_r2": mean_r2, "floor": min_r2 if min_r2 is not None else "none"},
+        )
+
+    return [regression_dataset, datamodels]

@@ -1,0 +1,381 @@
+"""Experiments: one YAML file says what to train, how to partition it, and how to fit it.
+
+An experiment file holds::
+
+    name: minimal                       # letters, digits, _; asset keys are prefixed with it
+    description: ...                    # optional, shown in the Dagster UI
+    spec: ../examples/minimal/spec.json # the seed's spec: a path (relative to this file) or inline
+    trainer:
+      main_import: my_package.train     # module with main(index, logdir) -> {key: value}
+      args: [--trainer.lr=0.1]          # pass-through arguments the script reads (list or mapping)
+      job_timeout: 600                  # seconds per model (default: none)
+      retries: 1                        # extra rounds for models that failed
+      commit_every: 1.0                 # seconds a trained row may wait to be stored with others
+    models_per_partition: 50            # consecutive model indices per partition (1: per model)
+    max_partitions_per_run: 20          # a backfill groups this many partitions into one run
+    devices:
+      gpus: auto                        # auto (every visible GPU), none, a count, or a list
+      cpu_workers: 1                    # worker processes per run where there is no GPU
+      max_workers: null                 # at most this many worker processes per run
+      threads_per_worker: null          # OMP/MKL threads of each worker (default: untouched)
+    regression:                         # optional: without it the graph stops at model_outputs
+      x_name: masks                     # the store keys holding the masks and the outputs
+      y_name: margins
+      data: {num_train: 200, num_val: 50}   # the seed's compute_datamodels sections;
+      cfg: {k: 20, batch_size: 100}         # data.data_path and cfg.out_dir are filled in
+      early_stopping: {}
+    checks:
+      min_completed_fraction: 1.0       # store completeness the training must reach
+      min_mean_val_r2: 0.0              # floor on the datamodels' mean validation R^2
+
+Shipped experiments are the ``*.yaml`` files in ``dm_assets/experiments/``; users add theirs with
+``DM_EXPERIMENTS``, a list of files or folders separated by ``os.pathsep`` (``:``). Data goes to
+``$DM_HOME/<name>/`` (see :class:`ExperimentPaths`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dm_assets.home import dm_home
+from dm_assets.regression.config import ConfigError, RegressionConfig, load_config
+from dm_assets.spec import Spec, SpecError
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "experiments"
+ENV_VAR = "DM_EXPERIMENTS"
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# filled in by the pipeline: the dataset it wrote, and a fresh output folder per fit
+_PLACEHOLDER_PATH = "<filled in by the pipeline>"
+
+
+class ExperimentError(ValueError):
+    """An experiment file that cannot be used; the message names the file and every field."""
+
+    def __init__(self, source: str | Path, problems: Sequence[str]) -> None:
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"experiment file {self.source}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainerSettings(_Strict):
+    main_import: str = Field(description="module whose main(index, logdir) trains one model")
+    args: list[str] | dict[str, Any] = Field(
+        default_factory=list,
+        description="pass-through arguments for the script: a list (--trainer.lr=0.1) or a "
+        "mapping {trainer.lr: 0.1}",
+    )
+    job_timeout: float | None = Field(default=None, gt=0, description="seconds per model")
+    retries: int = Field(default=1, ge=0, description="extra rounds for models that failed")
+    commit_every: float = Field(
+        default=1.0, ge=0, description="seconds a trained row may wait to be stored with others"
+    )
+
+    @field_validator("main_import")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", value):
+            raise ValueError(f"{value!r} is not a module path like my_package.train")
+        return value
+
+    def script_args(self) -> list[str]:
+        """The pass-through arguments as command-line words."""
+        if isinstance(self.args, list):
+            return [str(a) for a in self.args]
+        out = []
+        for key, value in self.args.items():
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            text = text.removesuffix("\n...").strip()
+            out.append(f"--{key}={text}")
+        return out
+
+
+class DeviceSettings(_Strict):
+    gpus: str | int | list[int] = Field(
+        default="auto", description="auto, none, a number of GPUs, or a list of GPU ordinals"
+    )
+    cpu_workers: int = Field(default=1, ge=1, description="worker processes where no GPU is used")
+    max_workers: int | None = Field(default=None, ge=1, description="worker processes per run")
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="OMP/MKL threads per worker process"
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str | int | list[int]) -> str | int | list[int]:
+        if isinstance(value, str) and value not in ("auto", "none"):
+            raise ValueError(f"{value!r}: use auto, none, a count, or a list of GPU ordinals")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value}: a GPU count is 0 or more")
+        return value
+
+
+class RegressionSettings(_Strict):
+    x_name: str = Field(default="masks", description="store key of the masks")
+    y_name: str = Field(default="margins", description="store key of the outputs to predict")
+    data: dict[str, Any] = Field(default_factory=dict)
+    cfg: dict[str, Any] = Field(default_factory=dict)
+    early_stopping: dict[str, Any] = Field(default_factory=dict)
+
+    def config(self, *, data_path: str | Path, out_dir: str | Path) -> RegressionConfig:
+        """The seed's compute_datamodels config with the pipeline's paths filled in."""
+        sections = {
+            "data": {**self.data, "data_path": str(data_path)},
+            "cfg": {**self.cfg, "out_dir": str(out_dir)},
+            "early_stopping": dict(self.early_stopping),
+        }
+        return load_config(None, sections)
+
+
+class CheckSettings(_Strict):
+    min_completed_fraction: float = Field(
+        default=1.0, ge=0, le=1, description="fraction of the store's models that must be done"
+    )
+    min_mean_val_r2: float | None = Field(
+        default=0.0, description="floor on the mean validation R^2 of the datamodels"
+    )
+
+
+class _ExperimentFile(_Strict):
+    name: str
+    description: str = ""
+    spec: str | dict[str, Any]
+    trainer: TrainerSettings
+    models_per_partition: int = Field(default=1, ge=1)
+    max_partitions_per_run: int = Field(default=20, ge=1)
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
+    regression: RegressionSettings | None = None
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: use letters, digits and _ (starting with a letter); it prefixes "
+                "asset keys and job names"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where an experiment's data lives: ``$DM_HOME/<name>/``.
+
+    ``store/`` the store (``<key>.npy``, ``_completed.npy``, ``spec.json``, ``workers/``);
+    ``data.beton`` the FFCV dataset of completed rows; ``fits/<id>/`` one folder per fit
+    (``datamodels.pt``, ``regularization_path.csv``, ``summary.json``, ``config.yaml``);
+    ``datamodels`` a link to the latest fit; ``launcher_logs/`` the worker processes' logs.
+    """
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def beton(self) -> Path:
+        return self.root / "data.beton"
+
+    @property
+    def fits(self) -> Path:
+        return self.root / "fits"
+
+    @property
+    def datamodels(self) -> Path:
+        return self.root / "datamodels"
+
+    @property
+    def launcher_logs(self) -> Path:
+        return self.root / "launcher_logs"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file."""
+
+    name: str
+    description: str
+    spec: Spec
+    trainer: TrainerSettings
+    models_per_partition: int
+    max_partitions_per_run: int
+    devices: DeviceSettings
+    regression: RegressionSettings | None
+    checks: CheckSettings
+    source: Path
+
+    def paths(self, home: str | Path | None = None) -> ExperimentPaths:
+        return ExperimentPaths(dm_home(home) / self.name)
+
+    @property
+    def num_models(self) -> int:
+        return self.spec.num_models
+
+    def partition_keys(self) -> list[str]:
+        """One key per block of ``models_per_partition`` consecutive indices, zero-padded so
+        they sort: ``"0000-0049"`` (``"0007"`` with blocks of one)."""
+        n, size = self.num_models, self.models_per_partition
+        width = len(str(n - 1))
+        keys = []
+        for first in range(0, n, size):
+            last = min(first + size, n) - 1
+            keys.append(
+                f"{first:0{width}d}" if size == 1 else f"{first:0{width}d}-{last:0{width}d}"
+            )
+        return keys
+
+    @staticmethod
+    def partition_indices(key: str) -> range:
+        """The model indices of a partition key (``"0050-0099"`` -> ``range(50, 100)``)."""
+        first, _, last = key.partition("-")
+        return range(int(first), int(last or first) + 1)
+
+
+def _field_path(loc: Iterable[object]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        field = _field_path(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling and indentation)"
+        elif error["type"] == "missing":
+            message = "required field missing"
+        problems.append(f"field {field}: {message}")
+    # a union (str | dict, list | dict) reports once per alternative: keep the first of each
+    return list(dict.fromkeys(problems))
+
+
+def _resolve_spec(value: str | dict[str, Any], source: Path) -> Spec:
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = source.parent / path
+        return Spec.load(path)
+    return Spec.from_dict(value, source=f"{source} (field spec)")
+
+
+def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
+    problems = []
+    schema = spec.schema
+    for field, key in (("x_name", reg.x_name), ("y_name", reg.y_name)):
+        if key not in schema:
+            problems.append(
+                f"field regression.{field}: {key!r} is not a key of the spec; "
+                f"the keys are {sorted(schema)}"
+            )
+    if reg.x_name in schema and len(schema[reg.x_name].shape) != 1:
+        problems.append(
+            f"field regression.x_name: {reg.x_name!r} has shape {schema[reg.x_name].shape}; "
+            "masks must be one vector per model"
+        )
+    if reg.y_name in schema and len(schema[reg.y_name].shape) > 1:
+        problems.append(
+            f"field regression.y_name: {reg.y_name!r} has shape {schema[reg.y_name].shape}; "
+            "outputs must be a vector or a scalar per model"
+        )
+    try:
+        config = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
+    except ConfigError as exc:
+        problems.extend(f"field regression: {p}" for p in exc.problems)
+        return problems
+    d = config["data"]
+    if d["num_train"] + d["num_val"] > spec.num_models:
+        problems.append(
+            f"field regression.data: num_train + num_val = {d['num_train'] + d['num_val']} is "
+            f"more than the spec's num_models = {spec.num_models}"
+        )
+    return problems
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate one experiment file; :class:`ExperimentError` lists every problem."""
+    source = Path(path).expanduser().resolve()
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except OSError as exc:
+        raise ExperimentError(source, [f"cannot read it: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ExperimentError(source, [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, Mapping):
+        raise ExperimentError(source, ["the file must be a mapping (name:, spec:, trainer: ...)"])
+    try:
+        parsed = _ExperimentFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ExperimentError(source, _format_validation(exc)) from exc
+    try:
+        spec = _resolve_spec(parsed.spec, source)
+    except SpecError as exc:
+        raise ExperimentError(source, [f"field spec: {exc}"]) from exc
+    problems = []
+    if parsed.regression is not None:
+        problems.extend(_check_regression(parsed.regression, spec))
+    if problems:
+        raise ExperimentError(source, problems)
+    return Experiment(
+        name=parsed.name,
+        description=parsed.description,
+        spec=spec,
+        trainer=parsed.trainer,
+        models_per_partition=parsed.models_per_partition,
+        max_partitions_per_run=parsed.max_partitions_per_run,
+        devices=parsed.devices,
+        regression=parsed.regression,
+        checks=parsed.checks,
+        source=source,
+    )
+
+
+def experiment_files(extra: str | None = None) -> list[Path]:
+    """The shipped experiment files, then those named by ``extra`` (default: ``$DM_EXPERIMENTS``):
+    files, or folders whose ``*.yaml``/``*.yml`` files are taken in name order."""
+    files = sorted(SHIPPED_DIR.glob("*.yaml"))
+    listed = os.environ.get(ENV_VAR, "") if extra is None else extra
+    for entry in filter(None, (e.strip() for e in listed.split(os.pathsep))):
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ExperimentError(
+                path,
+                [f"named in ${ENV_VAR} but no such file or folder; fix or remove the entry"],
+            )
+    return files
+
+
+def load_experiments(extra: str | None = None) -> list[Experiment]:
+    """Every experiment (see :func:`experiment_files`); names must be unique."""
+    experiments: list[Experiment] = []
+    seen: dict[str, Path] = {}
+    for file in experiment_files(extra):
+        experiment = load_experiment(file)
+        if experiment.name in seen:
+            raise ExperimentError(
+                file,
+                [
+                    f"field name: {experiment.name!r} is already the name of the experiment in "
+                    f"{seen[experiment.name]}; experiment names must be unique"
+                ],
+            )
+        seen[experiment.name] = experiment.source
+        experiments.append(experiment)
+    return experiments

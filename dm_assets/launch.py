@@ -1,0 +1,226 @@
+"""Launch a job with ``dagster job launch``, follow it, and exit with its outcome.
+
+    python -m dm_assets.launch JOB [--partitions all|KEY|FIRST...LAST] [--tags JSON]
+                                   [--no-wait] [--timeout SECONDS] [--quiet]
+    python -m dm_assets.launch --list            # the jobs and their partitions
+
+``dagster job launch`` alone returns 0 as soon as the run is submitted, even if it then fails.
+This command submits the run through it (so what CI runs is exactly Dagster's launch path),
+prints the run's log as it goes, and exits 0 only when the run succeeded: 1 when it failed or
+was canceled, 124 when ``--timeout`` passed first (the run is then terminated), 2 for a usage
+error. Jobs over training partitions get every partition unless ``--partitions`` says otherwise
+(one key, or an inclusive range ``FIRST...LAST``).
+
+When ``DAGSTER_HOME`` is not set it is ``$DM_HOME/dagster`` (default ``.dm/dagster``), prepared
+with the shipped instance configuration (``dm_assets/dagster.yaml``: SQLite storage, runs start
+at once without the daemon, the ``gpu`` pool's limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dm_assets.home import dm_home
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+SHIPPED_INSTANCE_CONFIG = Path(__file__).resolve().parent / "dagster.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+
+def prepare_dagster_home(environ: dict[str, str] | None = None) -> Path:
+    """``$DAGSTER_HOME``, or ``$DM_HOME/dagster`` set in ``environ`` (default ``os.environ``);
+    the shipped ``dagster.yaml`` is copied there when the folder has none."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("DAGSTER_HOME") or dm_home() / "dagster").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        tmp = home / f".dagster.yaml.{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(SHIPPED_INSTANCE_CONFIG, tmp)
+        os.replace(tmp, config)
+    env["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _jobs() -> dict[str, list[str]]:
+    """Every job of the definitions and its partition keys (empty: not partitioned)."""
+    from dm_assets.definitions import defs
+
+    out: dict[str, list[str]] = {}
+    for job in defs.resolve_all_job_defs():
+        if job.name.startswith("__"):
+            continue
+        partitions = job.partitions_def
+        out[job.name] = list(partitions.get_partition_keys()) if partitions is not None else []
+    return out
+
+
+def partition_tags(job: str, keys: list[str], selection: str) -> dict[str, str]:
+    """The range tags that make ``dagster job launch`` run ``selection`` of ``keys``."""
+    if not keys:
+        if selection != "all":
+            raise ValueError(f"job {job!r} has no partitions; leave out --partitions")
+        return {}
+    if selection == "all":
+        first, last = keys[0], keys[-1]
+    else:
+        first, sep, last = selection.partition("...")
+        last = last if sep else first
+        for key in (first, last):
+            if key not in keys:
+                shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+                raise ValueError(f"{key!r} is not a partition of job {job!r} (its keys: {shown})")
+        if keys.index(first) > keys.index(last):
+            raise ValueError(f"partition range {selection!r} runs backwards: use FIRST...LAST")
+    return {RANGE_START: first, RANGE_END: last}
+
+
+def _print_event(entry: Any, quiet: bool) -> None:
+    event = entry.dagster_event
+    kind = event.event_type_value if event is not None else "LOG"
+    if quiet and kind not in ("STEP_FAILURE", "RUN_FAILURE", "RUN_SUCCESS", "RUN_CANCELED"):
+        return
+    if kind in ("LOG", "STEP_FAILURE", "RUN_FAILURE", "RUN_SUCCESS", "RUN_CANCELED", "RUN_START"):
+        pass
+    elif kind in ("ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "STEP_SUCCESS"):
+        pass
+    else:
+        return
+    stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
+    where = f" {entry.step_key}" if entry.step_key else ""
+    message = entry.user_message or ""
+    if event is not None and kind == "STEP_FAILURE":
+        error = event.step_failure_data.error if event.step_failure_data else None
+        if error is not None:
+            message = f"{message}\n{error.message.rstrip()}"
+    elif event is not None and kind == "ASSET_CHECK_EVALUATION":
+        data = event.event_specific_data
+        message = (
+            f"check {data.asset_check_key.name} on {data.asset_key.to_user_string()}: "
+            f"{'passed' if data.passed else 'FAILED'}"
+        )
+    print(f"{stamp}{where} {kind}: {message}", flush=True)
+
+
+def follow_run(
+    run_id: str, *, timeout: float | None = None, poll: float = 1.0, quiet: bool = False
+) -> int:
+    """Print the run's log until it ends; its exit status (see the module docstring)."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    terminal = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    instance = DagsterInstance.get()
+    cursor = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                print(f"error: run {run_id} is not in the instance at {instance.root_directory}")
+                return EXIT_FAILED
+            while True:
+                conn = instance.get_records_for_run(run_id, cursor=cursor, limit=500)
+                for record in conn.records:
+                    _print_event(record.event_log_entry, quiet)
+                cursor = conn.cursor
+                if not conn.has_more:
+                    break
+            if run.status in terminal:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"run {run_id}: still {run.status.value} after {timeout:g} s; terminating it")
+                instance.run_launcher.terminate(run_id)
+                return EXIT_TIMEOUT
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        print(f"interrupted: terminating run {run_id}", file=sys.stderr)
+        instance.run_launcher.terminate(run_id)
+        raise
+    status = run.status
+    print(f"run {run_id}: {status.value}")
+    return 0 if status == DagsterRunStatus.SUCCESS else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dm_assets.launch",
+        description="Launch a Dagster job with `dagster job launch`, follow its log, and exit "
+        "non-zero unless it succeeded.",
+    )
+    parser.add_argument("job", nargs="?", help="the job, e.g. minimal_all (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the jobs and exit")
+    parser.add_argument(
+        "--partitions",
+        default="all",
+        help="all (default), one partition key, or an inclusive range FIRST...LAST",
+    )
+    parser.add_argument("--tags", default="{}", help="more run tags, as a JSON object")
+    parser.add_argument("--no-wait", action="store_true", help="submit and exit at once")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    parser.add_argument("--quiet", action="store_true", help="print only failures and the end")
+    parser.add_argument(
+        "-w", "--workspace", default=str(REPO_ROOT / "workspace.yaml"), help="workspace file"
+    )
+    args = parser.parse_args(argv)
+    try:
+        extra_tags = json.loads(args.tags)
+        if not isinstance(extra_tags, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        parser.error(f"--tags must be a JSON object of strings ({exc}): got {args.tags!r}")
+    prepare_dagster_home()
+    jobs = _jobs()
+    if args.list or args.job is None:
+        for name, keys in jobs.items():
+            where = f"{len(keys)} partitions {keys[0]} ... {keys[-1]}" if keys else "unpartitioned"
+            print(f"{name:30s} {where}")
+        return 0 if args.list else EXIT_USAGE
+    if args.job not in jobs:
+        parser.error(f"no job {args.job!r}; the jobs are: {', '.join(sorted(jobs))}")
+    try:
+        tags = partition_tags(args.job, jobs[args.job], args.partitions)
+    except ValueError as exc:
+        parser.error(str(exc))
+    tags.update({str(k): str(v) for k, v in extra_tags.items()})
+    run_id = str(uuid.uuid4())
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "job",
+        "launch",
+        "-w",
+        args.workspace,
+        "-j",
+        args.job,
+        "--run-id",
+        run_id,
+        "--tags",
+        json.dumps(tags),
+    ]
+    print(f"launching {args.job} as run {run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    launched = subprocess.run(command, cwd=Path(args.workspace).resolve().parent)
+    if launched.returncode != 0:
+        print(f"error: dagster job launch exited {launched.returncode}", file=sys.stderr)
+        return launched.returncode
+    if args.no_wait:
+        return 0
+    return follow_run(run_id, timeout=args.timeout, quiet=args.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
