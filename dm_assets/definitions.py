@@ -38,7 +38,7 @@ def build_definitions(
         assets.extend(experiment_assets(experiment))
         jobs.extend(experiment_jobs(experiment))
     return dg.Definitions(
-        assets=[a for a in assets if isinstance(a, dg.AssetsDefinition)],
+        assets=[a for a in assets if not isinstance(a, dg.AssetChecksDefinition)],
         asset_checks=[a for a in assets if isinstance(a, dg.AssetChecksDefinition)],
         jobs=jobs,
         resources=resources if resources is not None else default_resources(),

@@ -245,12 +245,19 @@ class Experiment:
         return range(int(first), int(last or first) + 1)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _field_path(loc: Iterable[object]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    # a union's alternatives appear in the location as type tags (``list[str]``): drop them
+    parts = [
+        str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+    ]
+    return ".".join(parts) or "(top level)"
 
 
 def _format_validation(exc: ValidationError) -> list[str]:
-    problems = []
+    messages: dict[str, list[str]] = {}
     for error in exc.errors():
         field = _field_path(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
@@ -258,9 +265,10 @@ def _format_validation(exc: ValidationError) -> list[str]:
             message = "unknown field (check its spelling and indentation)"
         elif error["type"] == "missing":
             message = "required field missing"
-        problems.append(f"field {field}: {message}")
-    # a union (str | dict, list | dict) reports once per alternative: keep the first of each
-    return list(dict.fromkeys(problems))
+        if message not in messages.setdefault(field, []):
+            messages[field].append(message)
+    # a union reports once per alternative: one line per field, alternatives joined
+    return [f"field {field}: {' or '.join(found)}" for field, found in messages.items()]
 
 
 def _resolve_spec(value: str | dict[str, Any], source: Path) -> Spec:

@@ -27,13 +27,11 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
     """``<name>_train`` (store and training partitions), ``<name>_fit`` (dataset and
     datamodels, when the experiment has a regression) and ``<name>_all`` (everything)."""
     name = experiment.name
-    partitions = dg.StaticPartitionsDefinition(experiment.partition_keys())
     train = dg.AssetSelection.assets(dg.AssetKey([name, "store"]), dg.AssetKey([name, "model_outputs"]))
     jobs = [
         dg.define_asset_job(
             f"{name}_train",
             selection=train,
-            partitions_def=partitions,
             description=f"Initialize the store of {name!r} and train the selected partitions.",
         )
     ]
@@ -53,7 +51,6 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
         dg.define_asset_job(
             f"{name}_all",
             selection=dg.AssetSelection.groups(name),
-            partitions_def=partitions,
             description=f"Everything of {name!r}: store, the selected training partitions, "
             "dataset, datamodels.",
         )

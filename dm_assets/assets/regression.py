@@ -1,7 +1,6 @@
 """The fitting half of an experiment's graph: ``<name>/regression_dataset`` (the FFCV beton of
 completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked)."""
 
-from __future__ import annotations
 
 import datetime as dt
 import math
@@ -33,7 +32,7 @@ def _point_link(link: Path, target: Path) -> None:
 
 def _fit_id(context: dg.AssetExecutionContext) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{context.run_id[:8]}"
+    return f"{stamp}-{context.run.run_id[:8]}"
 
 
 def regression_assets(
@@ -162,7 +161,7 @@ def regression_assets(
             fit_dir=fit_dir,
             run_name=f"{name} {fit_dir.name}",
             tags={
-                "dagster.run_id": context.run_id,
+                "dagster.run_id": context.run.run_id,
                 "dagster.asset_key": datamodels_key.to_user_string(),
                 "dagster.partition": context.partition_key if context.has_partition_key else "",
                 "dm_assets.experiment": name,

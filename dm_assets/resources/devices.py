@@ -5,7 +5,6 @@ say which device a step uses. This resource does: every worker process holds one
 exclusively (a file lock under ``$DM_HOME/locks``), across concurrent runs on this machine.
 """
 
-from __future__ import annotations
 
 import os
 from pathlib import Path

@@ -4,7 +4,6 @@
 (:mod:`dm_assets.training`). A cluster launcher (SLURM) offers the same ``train`` method.
 """
 
-from __future__ import annotations
 
 import logging
 import sys
