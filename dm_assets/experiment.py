@@ -250,9 +250,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def _field_path(loc: Iterable[object]) -> str:
     # a union's alternatives appear in the location as type tags (``list[str]``): drop them
-    parts = [
-        str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
-    ]
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
     return ".".join(parts) or "(top level)"
 
 

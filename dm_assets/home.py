@@ -21,7 +21,7 @@ DEFAULT_HOME = ".dm"
 def dm_home(path: str | os.PathLike[str] | None = None) -> Path:
     """``path``, else ``$DM_HOME``, else ``.dm`` in the working directory; always absolute."""
     chosen = path if path not in (None, "") else os.environ.get("DM_HOME") or DEFAULT_HOME
-    return Path(chosen).expanduser().resolve()  # type: ignore[arg-type]
+    return Path(chosen).expanduser().resolve()
 
 
 def mlflow_tracking_uri(home: str | os.PathLike[str] | None = None) -> str:

@@ -89,16 +89,24 @@ def partition_tags(job: str, keys: list[str], selection: str) -> dict[str, str]:
     return {RANGE_START: first, RANGE_END: last}
 
 
+_SHOWN = {
+    "LOG",
+    "RUN_START",
+    "RUN_SUCCESS",
+    "RUN_FAILURE",
+    "RUN_CANCELED",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "ASSET_MATERIALIZATION",
+    "ASSET_CHECK_EVALUATION",
+}
+_FAILURES = {"STEP_FAILURE", "RUN_FAILURE", "RUN_CANCELED", "RUN_SUCCESS"}
+
+
 def _print_event(entry: Any, quiet: bool) -> None:
     event = entry.dagster_event
     kind = event.event_type_value if event is not None else "LOG"
-    if quiet and kind not in ("STEP_FAILURE", "RUN_FAILURE", "RUN_SUCCESS", "RUN_CANCELED"):
-        return
-    if kind in ("LOG", "STEP_FAILURE", "RUN_FAILURE", "RUN_SUCCESS", "RUN_CANCELED", "RUN_START"):
-        pass
-    elif kind in ("ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "STEP_SUCCESS"):
-        pass
-    else:
+    if kind not in _SHOWN or (quiet and kind not in _FAILURES):
         return
     stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
     where = f" {entry.step_key}" if entry.step_key else ""
@@ -113,6 +121,8 @@ def _print_event(entry: Any, quiet: bool) -> None:
             f"check {data.asset_check_key.name} on {data.asset_key.to_user_string()}: "
             f"{'passed' if data.passed else 'FAILED'}"
         )
+        if not data.passed and data.severity.value == "WARN":
+            message += " (a warning)"
     print(f"{stamp}{where} {kind}: {message}", flush=True)
 
 
@@ -212,9 +222,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tags",
         json.dumps(tags),
     ]
-    print(f"launching {args.job} as run {run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    launched = subprocess.run(command, cwd=Path(args.workspace).resolve().parent)
+    home = Path(os.environ["DAGSTER_HOME"])
+    log_path = home / "launch_logs" / f"{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"launching {args.job} as run {run_id} (DAGSTER_HOME={home}; output of the run's "
+        f"processes: {log_path})",
+        flush=True,
+    )
+    with open(log_path, "ab") as log:
+        # the run's own processes inherit this output: to the log file, not over ours
+        launched = subprocess.run(
+            command, cwd=Path(args.workspace).resolve().parent, stdout=log, stderr=log
+        )
     if launched.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        print("\n".join(tail), file=sys.stderr)
         print(f"error: dagster job launch exited {launched.returncode}", file=sys.stderr)
         return launched.returncode
     if args.no_wait:

@@ -91,22 +91,40 @@ def test_spec_path_is_relative_to_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (lambda t: t.replace("  main_import: dm_assets.examples.synthetic.train_synthetic\n", ""),
-         "field trainer.main_import: required field missing"),
-        (lambda t: t.replace("models_per_partition: 7", "models_per_partiton: 7"),
-         "field models_per_partiton: unknown field"),
-        (lambda t: t.replace("models_per_partition: 7", "models_per_partition: 0"),
-         "field models_per_partition"),
+        (
+            lambda t: t.replace(
+                "  main_import: dm_assets.examples.synthetic.train_synthetic\n", ""
+            ),
+            "field trainer.main_import: required field missing",
+        ),
+        (
+            lambda t: t.replace("models_per_partition: 7", "models_per_partiton: 7"),
+            "field models_per_partiton: unknown field",
+        ),
+        (
+            lambda t: t.replace("models_per_partition: 7", "models_per_partition: 0"),
+            "field models_per_partition",
+        ),
         (lambda t: t.replace("name: small", "name: 2-bad"), "field name: '2-bad'"),
-        (lambda t: t.replace("num_val: 5", "num_val: 50"),
-         "num_train + num_val = 70 is more than the spec's num_models = 30"),
-        (lambda t: t.replace("cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10, kk: 1}"),
-         "unknown key cfg.kk"),
-        (lambda t: t.replace("  data: {num_train", "  y_name: logits\n  data: {num_train"),
-         "field regression.y_name: 'logits' is not a key of the spec"),
+        (
+            lambda t: t.replace("num_val: 5", "num_val: 50"),
+            "num_train + num_val = 70 is more than the spec's num_models = 30",
+        ),
+        (
+            lambda t: t.replace(
+                "cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10, kk: 1}"
+            ),
+            "unknown key cfg.kk",
+        ),
+        (
+            lambda t: t.replace("  data: {num_train", "  y_name: logits\n  data: {num_train"),
+            "field regression.y_name: 'logits' is not a key of the spec",
+        ),
         (lambda t: t.replace("dtype: float32", "dtype: floaty"), "field spec:"),
-        (lambda t: t.replace("main_import: dm_assets", "main_import: dm assets"),
-         "field trainer.main_import"),
+        (
+            lambda t: t.replace("main_import: dm_assets", "main_import: dm assets"),
+            "field trainer.main_import",
+        ),
         (lambda t: t + "devices: {gpus: many}\n", "field devices.gpus"),
     ],
 )

@@ -27,7 +27,9 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
     """``<name>_train`` (store and training partitions), ``<name>_fit`` (dataset and
     datamodels, when the experiment has a regression) and ``<name>_all`` (everything)."""
     name = experiment.name
-    train = dg.AssetSelection.assets(dg.AssetKey([name, "store"]), dg.AssetKey([name, "model_outputs"]))
+    train = dg.AssetSelection.assets(
+        dg.AssetKey([name, "store"]), dg.AssetKey([name, "model_outputs"])
+    )
     jobs = [
         dg.define_asset_job(
             f"{name}_train",

@@ -1,7 +1,6 @@
 """The fitting half of an experiment's graph: ``<name>/regression_dataset`` (the FFCV beton of
 completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked)."""
 
-
 import datetime as dt
 import math
 import os
@@ -62,7 +61,7 @@ def regression_assets(
             )
         ],
     )
-    def regression_dataset(context: dg.AssetExecutionContext, home: HomeResource):  # type: ignore[no-untyped-def]
+    def regression_dataset(context: dg.AssetExecutionContext, home: HomeResource):
         paths = experiment.paths(home.path or None)
         with Store.open(paths.store) as store:
             completed = store.completed_indices()
@@ -124,7 +123,7 @@ def regression_assets(
             ),
         ],
     )
-    def datamodels(  # type: ignore[no-untyped-def]
+    def datamodels(
         context: dg.AssetExecutionContext,
         home: HomeResource,
         devices: DeviceSlotsResource,

@@ -1,8 +1,8 @@
 """The training half of an experiment's graph: ``<name>/store`` and ``<name>/model_outputs``."""
 
-
 import statistics
 import time
+import warnings
 
 import dagster as dg
 
@@ -63,22 +63,25 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         context.log.info("store at %s", paths.store)
         return dg.MaterializeResult(metadata=meta)
 
-    @dg.asset(
-        key=outputs_key,
-        group_name=name,
-        deps=[store_key],
-        partitions_def=partitions,
-        backfill_policy=dg.BackfillPolicy.multi_run(experiment.max_partitions_per_run),
-        pool=GPU_POOL,
-        description=f"Rows of the store of {name!r} written by training: a partition is a "
-        f"block of {experiment.models_per_partition} consecutive model indices, trained with "
-        f"{experiment.trainer.main_import}.main(index, logdir) in worker processes, one per "
-        "device slot. Completed models are skipped.",
-        kinds={"pytorch"},
-    )
-    def model_outputs(  # type: ignore[no-untyped-def]
-        context: dg.AssetExecutionContext, home: HomeResource, trainer: LocalTrainer
-    ):
+    with warnings.catch_warnings():
+        # BackfillPolicy is marked beta; it is how a backfill groups partitions into runs
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        outputs_decorator = dg.asset(
+            key=outputs_key,
+            group_name=name,
+            deps=[store_key],
+            partitions_def=partitions,
+            backfill_policy=dg.BackfillPolicy.multi_run(experiment.max_partitions_per_run),
+            pool=GPU_POOL,
+            description=f"Rows of the store of {name!r} written by training: a partition is a "
+            f"block of {experiment.models_per_partition} consecutive model indices, trained with "
+            f"{experiment.trainer.main_import}.main(index, logdir) in worker processes, one per "
+            "device slot. Completed models are skipped.",
+            kinds={"pytorch"},
+        )
+
+    @outputs_decorator
+    def model_outputs(context: dg.AssetExecutionContext, home: HomeResource, trainer: LocalTrainer):
         paths = experiment.paths(home.path or None)
         keys = context.partition_keys
         indices = [i for key in keys for i in Experiment.partition_indices(key)]

@@ -5,10 +5,9 @@ say which device a step uses. This resource does: every worker process holds one
 exclusively (a file lock under ``$DM_HOME/locks``), across concurrent runs on this machine.
 """
 
-
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field

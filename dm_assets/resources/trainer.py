@@ -4,7 +4,6 @@
 (:mod:`dm_assets.training`). A cluster launcher (SLURM) offers the same ``train`` method.
 """
 
-
 import logging
 import sys
 from collections.abc import Callable, Sequence
