@@ -1,0 +1,341 @@
+"""MLflow tracking of regression fits: one MLflow experiment per dm experiment, one run per fit.
+
+Plain ``mlflow`` (its ``MlflowClient`` with an explicit tracking URI; the global ``mlflow``
+state is never touched), imported only when something is logged, so importing this module (and
+the Dagster definitions) stays cheap. By default the store lives in ``DM_HOME``::
+
+    $DM_HOME/mlflow.db                                 runs, params, metrics, tags (SQLite)
+    $DM_HOME/mlflow.db.init-lock                       empty; serializes creating the database
+    $DM_HOME/mlflow-artifacts/<experiment>/<run id>/artifacts/
+        datamodels.pt, regularization_path.csv,        the fit directory's four files
+        summary.json, config.yaml
+        regularization_path.png                        ``plot_path`` of the path table
+
+What one run records, for a fit directory written by ``write_outputs``:
+
+- params: ``config.yaml`` flattened as ``section.key`` (``cfg.k``, ``data.num_train``...), the
+  text values of ``summary.json`` as ``summary.<key>`` (``summary.solver``...), and the
+  caller's ``params``; values longer than MLflow's limit are cut, ending in ``...``;
+- metrics per lambda step (``step`` = path index): ``path/<column>`` for every column of
+  ``step_metrics`` (``path/mean_val_mse``, ``path/fraction_on_path``...);
+- final metrics: the numbers in ``summary.json`` as ``final/<key>`` (``final/mean_val_r2``...);
+- tags: the caller's (Dagster run id, asset key, partition) and ``dm_assets.fit_dir``.
+
+``MlflowTracking(...).ui_command()`` is the shell command that opens the MLflow UI on the store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shlex
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+import pandas as pd
+import yaml
+from pydantic import Field
+
+from dm_assets.home import mlflow_artifact_root, mlflow_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+FIT_DIR_TAG = "dm_assets.fit_dir"
+PLOT_NAME = "regularization_path.png"
+
+# MLflow's own limits (mlflow.utils.validation), repeated here so that this module imports
+# without mlflow; a value over them makes the whole log_batch call fail.
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+_MAX_KEY = 250
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+
+# loggers that announce MLflow's migrations of a fresh SQLite store at INFO
+_NOISY_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic")
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"cfg": {"k": 10}}`` as ``{"cfg.k": 10}`` (nested mappings joined with dots)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@contextmanager
+def _quiet_migrations() -> Iterator[None]:
+    """MLflow logs each schema migration of a new SQLite file at INFO: show warnings only."""
+    saved = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI; None for other stores and in-memory."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix) :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Serialize opening a SQLite store across processes: MLflow creates and migrates a new file
+    on first use, and two processes doing so at once fail (alembic: "expected to match one row
+    when updating ... in 'alembic_version'"). Other stores need no lock."""
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _check_experiment_name(experiment: str) -> None:
+    if (
+        not isinstance(experiment, str)
+        or not experiment.strip()
+        or experiment in (".", "..")
+        or "/" in experiment
+        or "\\" in experiment
+    ):
+        raise ValueError(
+            f"experiment={experiment!r} cannot name an MLflow experiment and its artifact "
+            f"folder: pass the dm experiment's name, a non-empty string without '/' or '\\'"
+        )
+
+
+def _read_fit_dir(fit_dir: Path) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """``(config, summary, path table)`` of a fit directory, after checking all files exist."""
+    from dm_assets.regression.compute_datamodels import OUTPUT_FILES
+
+    if not fit_dir.is_dir():
+        raise FileNotFoundError(
+            f"fit_dir={fit_dir} is not a directory: pass the out_dir that write_outputs wrote"
+        )
+    missing = [name for name in OUTPUT_FILES if not (fit_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"fit_dir={fit_dir} lacks {missing} (a fit directory holds {list(OUTPUT_FILES)}): "
+            f"pass a complete directory written by write_outputs, or rerun the fit"
+        )
+    config = yaml.safe_load((fit_dir / "config.yaml").read_text())
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"{fit_dir / 'config.yaml'} holds {type(config).__name__}, not the config's sections "
+            f"(data, cfg, early_stopping): rewrite the fit directory with write_outputs"
+        )
+    summary = json.loads((fit_dir / "summary.json").read_text())
+    if not isinstance(summary, Mapping):
+        raise ValueError(
+            f"{fit_dir / 'summary.json'} holds {type(summary).__name__}, not a JSON object: "
+            f"rewrite the fit directory with write_outputs"
+        )
+    table = pd.read_csv(fit_dir / "regularization_path.csv")
+    return dict(config), dict(summary), table
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """Logs regression fits to MLflow (plain ``mlflow``, a SQLite store in ``DM_HOME`` by
+    default); see the module docstring for what a run holds."""
+
+    tracking_uri: str = Field(
+        default="",
+        description=(
+            "MLflow tracking URI; empty uses sqlite:///$DM_HOME/mlflow.db "
+            "(dm_assets.home.mlflow_tracking_uri)."
+        ),
+    )
+    home: str = Field(
+        default="",
+        description=(
+            "DM_HOME override for the default store and the artifact root "
+            "($DM_HOME/mlflow-artifacts); empty uses $DM_HOME, else .dm in the working directory."
+        ),
+    )
+    enabled: bool = Field(
+        default=True, description="Log to MLflow; false makes log_regression a no-op."
+    )
+
+    def resolved_tracking_uri(self) -> str:
+        """The tracking URI in use: ``tracking_uri``, else the SQLite file in ``DM_HOME``."""
+        return self.tracking_uri or mlflow_tracking_uri(self.home or None)
+
+    def artifact_root(self) -> Path:
+        """Where experiments keep artifacts: ``$DM_HOME/mlflow-artifacts`` (absolute)."""
+        return mlflow_artifact_root(self.home or None)
+
+    def ui_command(self) -> str:
+        """The shell command that opens the MLflow UI on this store."""
+        return (
+            f"mlflow ui --backend-store-uri {shlex.quote(self.resolved_tracking_uri())} "
+            f"--host 127.0.0.1 --port 5000"
+        )
+
+    def client(self) -> MlflowClient:
+        """An ``MlflowClient`` on this store (a fresh SQLite file is created and migrated)."""
+        from mlflow import MlflowClient
+
+        uri = self.resolved_tracking_uri()
+        with _store_init_lock(uri), _quiet_migrations():
+            return MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, client: MlflowClient, experiment: str) -> str:
+        """The id of MLflow experiment ``experiment``, created if missing with its artifacts in
+        ``artifact_root() / experiment``."""
+        from mlflow.exceptions import MlflowException
+
+        _check_experiment_name(experiment)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            location = (self.artifact_root() / experiment).as_uri()
+            try:
+                return str(client.create_experiment(experiment, artifact_location=location))
+            except MlflowException:
+                # another process may have created it meanwhile
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        if found.lifecycle_stage != "active":
+            raise ValueError(
+                f"experiment={experiment!r} exists in {self.resolved_tracking_uri()} but is "
+                f"deleted (MLflow id {found.experiment_id}): restore it with `mlflow experiments "
+                f"restore --experiment-id {found.experiment_id}` (MLFLOW_TRACKING_URI set to "
+                f"this store) or delete it for good with `mlflow gc`"
+            )
+        return str(found.experiment_id)
+
+    def log_regression(
+        self,
+        *,
+        experiment: str,
+        fit_dir: Path,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Log the fit in ``fit_dir`` (written by ``write_outputs``) as one new MLflow run in the
+        experiment named ``experiment``; returns the run id, or None when ``enabled`` is false.
+
+        ``params`` are logged beside the flattened config; one naming a config key with another
+        value is an error. A failure after the run was created marks it FAILED and re-raises.
+        """
+        if not self.enabled:
+            return None
+        from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+        from dm_assets.regression.path_metrics import plot_path, step_metrics
+
+        started = time.perf_counter()
+        fit_dir = Path(fit_dir).resolve()
+        _check_experiment_name(experiment)
+        config, summary, table = _read_fit_dir(fit_dir)
+
+        all_params: dict[str, Any] = _flatten(config)
+        for key, value in summary.items():
+            if isinstance(value, str | bool) or value is None:
+                all_params[f"summary.{key}"] = value
+        for key, value in (params or {}).items():
+            if key in all_params and str(all_params[key]) != str(value):
+                raise ValueError(
+                    f"params[{key!r}]={value!r} contradicts the fit's {key}={all_params[key]!r} "
+                    f"(from {fit_dir}): rename the parameter or drop it"
+                )
+            all_params[key] = value
+        param_list = [
+            Param(_truncate(str(k), _MAX_KEY), _truncate(str(v), _MAX_PARAM_VALUE))
+            for k, v in all_params.items()
+        ]
+
+        n_targets = summary.get("n_targets")
+        if not isinstance(n_targets, int) or isinstance(n_targets, bool):
+            n_targets = int(table["target"].nunique()) if len(table) else 1
+        per_step = step_metrics(table, n_targets)
+        now_ms = int(time.time() * 1000)
+        metric_list = [
+            Metric(f"path/{column}", float(value), now_ms, int(step))
+            for column in per_step.columns
+            if column != "step"
+            for step, value in zip(per_step["step"], per_step[column], strict=True)
+        ]
+        metric_list += [
+            Metric(f"final/{key}", float(value), now_ms, 0)
+            for key, value in summary.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        tag_list = [
+            RunTag(_truncate(str(k), _MAX_KEY), _truncate(str(v), _MAX_TAG_VALUE))
+            for k, v in {**tags, FIT_DIR_TAG: str(fit_dir)}.items()
+        ]
+
+        client = self.client()
+        experiment_id = self.experiment_id(client, experiment)
+        run = client.create_run(experiment_id, run_name=run_name)
+        run_id = run.info.run_id
+        try:
+            client.log_batch(run_id, tags=tag_list)
+            for chunk in _chunks(param_list, _MAX_PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=chunk)
+            for chunk in _chunks(metric_list, _MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=chunk)
+            from dm_assets.regression.compute_datamodels import OUTPUT_FILES
+
+            for name in OUTPUT_FILES:
+                client.log_artifact(run_id, str(fit_dir / name))
+            with tempfile.TemporaryDirectory(prefix="dm-mlflow-") as tmp:
+                png = plot_path(
+                    table,
+                    Path(tmp) / PLOT_NAME,
+                    title=f"{experiment}: {run_name}",
+                )
+                client.log_artifact(run_id, str(png))
+        except BaseException:
+            try:
+                client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            except Exception:
+                logger.exception("could not mark MLflow run %s FAILED", run_id)
+            raise
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        logger.info(
+            "logged %s to MLflow experiment %r run %s (%d params, %d metric points) in %.1f s; "
+            "open the UI with: %s",
+            fit_dir,
+            experiment,
+            run_id,
+            len(param_list),
+            len(metric_list),
+            time.perf_counter() - started,
+            self.ui_command(),
+        )
+        return str(run_id)

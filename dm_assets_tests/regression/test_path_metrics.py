@@ -1,0 +1,137 @@
+"""path_metrics: per-step statistics of a regularization path, checked by hand, and its plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
+from dm_assets.regression.config import load_config
+from dm_assets.regression.data import ArraySource
+from dm_assets.regression.path_metrics import STEP_METRIC_COLUMNS, plot_path, step_metrics
+from dm_assets_tests.regression.conftest import planted_problem
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_small_fit(out_dir: Path, *, n_targets: int = 4, k: int = 8, seed: int = 21) -> Path:
+    """A real fit (gram solver on CPU, ~0.1 s) of a planted problem, written by write_outputs."""
+    prob = planted_problem(n=900, p=24, t=n_targets, seed=seed)
+    config = load_config(
+        None,
+        {
+            "data": {"data_path": "unused", "num_train": 600, "num_val": 150},
+            "cfg": {
+                "k": k,
+                "batch_size": 150,
+                "out_dir": str(out_dir),
+                "device": "cpu",
+                "solver": "gram",
+            },
+        },
+    )
+    fit = compute_datamodels(config, source=ArraySource(prob.x, prob.y))
+    return write_outputs(fit, out_dir, config)
+
+
+def hand_table() -> pd.DataFrame:
+    """Three targets of four left on the path for 3, 2 and 1 steps, rows shuffled."""
+    rows = [
+        # target, step, lambda, lambda_over_max, train_mse, val_mse, nonzeros, chosen
+        (0, 0, 2.0, 1.0, 3.0, 4.0, 0, 0),
+        (0, 1, 0.2, 0.1, 1.0, 2.0, 2, 0),
+        (0, 2, 0.02, 0.01, 0.5, 1.0, 5, 1),
+        (1, 0, 4.0, 1.0, 5.0, 6.0, 0, 0),
+        (1, 1, 2.0, 0.5, 2.0, 3.0, 4, 1),
+        (2, 0, 1.0, 1.0, 7.0, 11.0, 0, 1),
+    ]
+    columns = [
+        "target",
+        "step",
+        "lambda",
+        "lambda_over_max",
+        "train_mse",
+        "val_mse",
+        "nonzeros",
+        "chosen",
+    ]
+    return pd.DataFrame(rows, columns=columns).sample(frac=1.0, random_state=3)
+
+
+def test_step_metrics_by_hand() -> None:
+    got = step_metrics(hand_table(), n_targets=4)
+    assert list(got.columns) == list(STEP_METRIC_COLUMNS)
+    assert got["step"].dtype == np.int64
+    expected = pd.DataFrame(
+        {
+            "step": np.array([0, 1, 2], dtype=np.int64),
+            "mean_val_mse": [7.0, 2.5, 1.0],  # (4 + 6 + 11) / 3, (2 + 3) / 2, 1
+            "median_val_mse": [6.0, 2.5, 1.0],
+            "mean_train_mse": [5.0, 1.5, 0.5],
+            "mean_nonzeros": [0.0, 3.0, 5.0],
+            "fraction_on_path": [0.75, 0.5, 0.25],  # 3, 2, 1 of the fit's 4 targets
+            "mean_lambda_over_max": [1.0, 0.3, 0.01],
+        }
+    )
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-15)
+
+
+def test_step_metrics_of_a_real_fit(tmp_path: Path) -> None:
+    out = write_small_fit(tmp_path / "fit", n_targets=4)
+    table = pd.read_csv(out / "regularization_path.csv")
+    n_targets = json.loads((out / "summary.json").read_text())["n_targets"]
+    got = step_metrics(table, n_targets)
+    assert got["step"].tolist() == sorted(table["step"].unique())
+    # every target starts at lambda_max with no weights; targets leave and never come back
+    assert got["fraction_on_path"].iloc[0] == 1.0
+    assert got["mean_nonzeros"].iloc[0] == 0.0
+    assert got["mean_lambda_over_max"].iloc[0] == pytest.approx(1.0)
+    assert (np.diff(got["fraction_on_path"]) <= 0).all()
+    assert (np.diff(got["mean_lambda_over_max"]) < 0).all()
+    for step, row in got.set_index("step").iterrows():
+        at = table[table["step"] == step]
+        assert row["mean_val_mse"] == pytest.approx(at["val_mse"].mean(), rel=1e-12)
+        assert row["median_val_mse"] == pytest.approx(np.median(at["val_mse"]), rel=1e-12)
+        assert row["mean_train_mse"] == pytest.approx(at["train_mse"].mean(), rel=1e-12)
+        assert row["mean_nonzeros"] == pytest.approx(at["nonzeros"].mean(), rel=1e-12)
+        assert row["fraction_on_path"] == len(at) / n_targets
+
+
+def test_bad_tables_are_named() -> None:
+    table = hand_table()
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['val_mse'\].*regularization_path"):
+        step_metrics(table.drop(columns="val_mse"), n_targets=4)
+    with pytest.raises(ValueError, match="n_targets=2 but the table holds 3 distinct"):
+        step_metrics(table, n_targets=2)
+    with pytest.raises(ValueError, match=r"repeated \(target, step\)"):
+        step_metrics(pd.concat([table, table]), n_targets=4)
+    with pytest.raises(TypeError, match="table must be a pandas DataFrame"):
+        step_metrics(table.to_dict(), n_targets=4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen'\]"):
+        plot_path(table.drop(columns="chosen"), Path("never-written.png"))
+    assert not Path("never-written.png").exists()
+
+
+@pytest.mark.parametrize("n_targets", [3, 70])
+def test_plot_writes_a_png(tmp_path: Path, n_targets: int) -> None:
+    import matplotlib.pyplot as plt
+
+    figures_before = plt.get_fignums()
+    out = write_small_fit(tmp_path / "fit", n_targets=n_targets)
+    table = pd.read_csv(out / "regularization_path.csv")
+    png = plot_path(table, tmp_path / "plots" / "path.png", title="demo fit")
+    assert png == tmp_path / "plots" / "path.png"
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    assert plt.get_fignums() == figures_before  # no pyplot figure left open
+
+
+def test_plot_of_the_hand_table(tmp_path: Path) -> None:
+    png = plot_path(hand_table(), tmp_path / "hand.png")
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match="no rows"):
+        plot_path(hand_table().iloc[:0], tmp_path / "empty.png")
