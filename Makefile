@@ -4,13 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo demo-seed ui mlflow-ui test lint typecheck unit bench clean
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
 	@PY=$(PY) scripts/demo.sh
+
+demo-seed: setup
+	@PY=$(PY) scripts/demo_seed.sh
+
+ui: setup
+	$(PY) -m dm_assets.ui dagster
+
+mlflow-ui: setup
+	$(PY) -m dm_assets.ui mlflow
 
 test: setup lint typecheck unit
 

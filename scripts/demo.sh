@@ -1,44 +1,20 @@
 #!/usr/bin/env bash
-# The main job until the digits experiment exists: the seed's pipeline end to end through its
-# command lines.
-#  1. the seed's minimal example: initialize a store, train its 10 models in two worker
-#     processes at once, check every row as the seed's check does;
-#  2. the synthetic example (a planted sparse datamodel, so the answer is known): a store of
-#     1,500 models, the FFCV dataset, and the datamodels fitted and checked against the truth.
+# The main job: every stage of the asset graph through Dagster (`dagster job launch`, followed
+# until the run ends), on the embedded defaults: SQLite-backed Dagster in $DM_HOME/dagster and
+# MLflow in $DM_HOME/mlflow.db.
+#  1. minimal: 300 planted-datamodel models in 6 partitions, dataset, datamodels (seconds);
+#  2. synthetic: 1,500 of them, then the fit checked against the planted weights and on the
+#     300 held-out models.
+# Rerunning trains nothing already trained and makes a new fit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DM_HOME=${DM_HOME:-.dm}
+export DM_HOME=${DM_HOME:-$PWD/.dm}
 
-echo "== minimal example =="
-store="$DM_HOME/minimal/store"
-"$PY" -m dm_assets.initialize_store --logging.logdir="$store" \
-  --logging.spec=dm_assets/examples/minimal/spec.json
-pids=()
-for indices in 0-4 5-9; do
-  "$PY" -m dm_assets.worker --worker.indices="$indices" \
-    --worker.main_import=dm_assets.examples.minimal.train_minimal \
-    --worker.logdir="$store" --worker.job_timeout=300 --trainer.multiple=2 &
-  pids+=($!)
+for experiment in minimal synthetic; do
+  echo "== $experiment: store, training partitions, dataset, datamodels (Dagster job ${experiment}_all) =="
+  "$PY" -m dm_assets.launch "${experiment}_all"
 done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-[ "$status" -eq 0 ] || { echo "demo: a worker failed (exit $status)" >&2; exit "$status"; }
-"$PY" -m dm_assets.examples.minimal.check --checking.logdir="$store" --trainer.multiple=2
-"$PY" -m dm_assets.status --logging.logdir="$store"
-
-echo "== synthetic example: train, write the dataset, fit the datamodels =="
-example=dm_assets/examples/synthetic
-root="$DM_HOME/synthetic"
-"$PY" -m dm_assets.initialize_store --logging.logdir="$root/store" --logging.spec="$example/spec.json"
-"$PY" -m dm_assets.worker --worker.indices=0-1499 --worker.logdir="$root/store" \
-  --worker.main_import=dm_assets.examples.synthetic.train_synthetic 2>"$root/worker.log" \
-  || { tail -20 "$root/worker.log" >&2; exit 1; }
-"$PY" -m dm_assets.status --logging.logdir="$root/store"
-rm -rf "$root/data.beton" "$root/datamodels"   # a rerun refits from the store
-"$PY" -m dm_assets.regression.write_dataset --cfg.data_dir="$root/store" \
-  --cfg.out_path="$root/data.beton" --cfg.x_name=masks --cfg.y_name=margins
-"$PY" -m dm_assets.regression.compute_datamodels -C "$example/regression_config.yaml" \
-  --data.data_path="$root/data.beton" --cfg.out_dir="$root/datamodels"
-"$PY" -m dm_assets.examples.synthetic.check --datamodels="$root/datamodels" --store="$root/store"
-echo "demo: stores, dataset and datamodels under $DM_HOME/ (datamodels: $root/datamodels)"
+"$PY" -m dm_assets.examples.synthetic.check --datamodels="$DM_HOME/synthetic/datamodels" \
+  --store="$DM_HOME/synthetic/store"
+"$PY" -m dm_assets.summary minimal synthetic

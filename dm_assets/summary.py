@@ -1,0 +1,65 @@
+"""Where an experiment's results are, what they say, and the commands that open them.
+
+python -m dm_assets.summary [EXPERIMENT ...]   # default: every experiment with data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from dm_assets.experiment import Experiment, load_experiments
+from dm_assets.home import dm_home, mlflow_tracking_uri
+from dm_assets.store import Store, StoreError
+
+
+def describe(experiment: Experiment) -> list[str]:
+    """Lines about one experiment's store, dataset and latest fit (what exists of them)."""
+    paths = experiment.paths()
+    lines = [f"{experiment.name}: {paths.root}"]
+    try:
+        with Store.open(paths.store) as store:
+            lines.append(f"  store     {paths.store}: {store.status()}")
+    except (StoreError, FileNotFoundError):
+        lines.append("  store     not initialized")
+        return lines
+    if paths.beton.exists():
+        lines.append(f"  dataset   {paths.beton} ({paths.beton.stat().st_size:,} bytes)")
+    summary_file = paths.datamodels / "summary.json"
+    if summary_file.exists():
+        s = json.loads(summary_file.read_text())
+        lines.append(
+            f"  fit       {paths.datamodels.resolve()}: {s['n_targets']} targets x "
+            f"{s['n_features']} training examples, fit on {s['n_train']} models "
+            f"(lambda chosen on {s['n_val']}); mean validation R^2 {s['mean_val_r2']:.3f}, "
+            f"mean nonzeros {s['mean_nonzeros']:.1f}, {s['solver']} on {s['device']} "
+            f"in {s['seconds']:.1f} s"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dm_assets.summary", description=__doc__)
+    parser.add_argument("experiments", nargs="*", help="names (default: all with data)")
+    args = parser.parse_args(argv)
+    known = {e.name: e for e in load_experiments()}
+    unknown = [n for n in args.experiments if n not in known]
+    if unknown:
+        parser.error(f"unknown experiment(s) {unknown}; known: {', '.join(sorted(known))}")
+    names = args.experiments or [n for n, e in known.items() if e.paths().root.exists()]
+    for name in names:
+        print("\n".join(describe(known[name])))
+    print(
+        f"\nData: {dm_home()}\n"
+        "Dagster UI (runs, assets, lineage, checks):  .venv/bin/python -m dm_assets.ui dagster"
+        "   -> http://127.0.0.1:3000\n"
+        "MLflow UI (regularization paths per lambda): .venv/bin/python -m dm_assets.ui mlflow"
+        f"    -> http://127.0.0.1:5000   (tracking URI {mlflow_tracking_uri()})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
