@@ -82,7 +82,10 @@ class Device:
 
 def _cuda_device_count() -> int:
     """How many GPUs this process can see (torch's count, which honours CUDA_VISIBLE_DEVICES);
-    0 when torch is not installed."""
+    0 when torch is not installed. Without an NVIDIA driver (no ``/dev/nvidiactl``) the answer
+    is 0 without importing torch, which costs a second or more per process."""
+    if not os.path.exists("/dev/nvidiactl") and not os.environ.get("DM_FORCE_CUDA_PROBE"):
+        return 0
     try:
         import torch  # lazily: importing torch costs seconds and this module must not need it
     except ImportError:

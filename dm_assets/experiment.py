@@ -238,6 +238,15 @@ class Experiment:
             )
         return keys
 
+    def jobs(self) -> dict[str, bool]:
+        """The experiment's Dagster jobs, each with whether it runs training partitions:
+        ``<name>_train``, ``<name>_fit`` (with a regression section) and ``<name>_all``."""
+        jobs = {f"{self.name}_train": True}
+        if self.regression is not None:
+            jobs[f"{self.name}_fit"] = False
+        jobs[f"{self.name}_all"] = True
+        return jobs
+
     @staticmethod
     def partition_indices(key: str) -> range:
         """The model indices of a partition key (``"0050-0099"`` -> ``range(50, 100)``)."""

@@ -57,15 +57,14 @@ def prepare_dagster_home(environ: dict[str, str] | None = None) -> Path:
 
 
 def _jobs() -> dict[str, list[str]]:
-    """Every job of the definitions and its partition keys (empty: not partitioned)."""
-    from dm_assets.definitions import defs
+    """Every experiment's jobs and their partition keys (empty: not partitioned), read from
+    the experiment files (the same ones the definitions are built from)."""
+    from dm_assets.experiment import load_experiments
 
     out: dict[str, list[str]] = {}
-    for job in defs.resolve_all_job_defs():
-        if job.name.startswith("__"):
-            continue
-        partitions = job.partitions_def
-        out[job.name] = list(partitions.get_partition_keys()) if partitions is not None else []
+    for experiment in load_experiments():
+        for job, partitioned in experiment.jobs().items():
+            out[job] = experiment.partition_keys() if partitioned else []
     return out
 
 

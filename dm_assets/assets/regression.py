@@ -10,12 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-import torch
 
 from dm_assets.assets.training import GPU_POOL, HomeResource
 from dm_assets.experiment import Experiment, RegressionSettings
-from dm_assets.regression.beton import BetonError, beton_info, write_beton
-from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
 from dm_assets.regression.config import ConfigError
 from dm_assets.resources.devices import DeviceSlotsResource
 from dm_assets.resources.tracking import MlflowTracking
@@ -62,6 +59,10 @@ def regression_assets(
         ],
     )
     def regression_dataset(context: dg.AssetExecutionContext, home: HomeResource):
+        # the science is imported when a step runs, not when the definitions load (every
+        # Dagster process loads them: the UI, each code server, each run)
+        from dm_assets.regression.beton import BetonError, beton_info, write_beton
+
         paths = experiment.paths(home.path or None)
         with Store.open(paths.store) as store:
             completed = store.completed_indices()
@@ -129,6 +130,11 @@ def regression_assets(
         devices: DeviceSlotsResource,
         tracking: MlflowTracking,
     ):
+        import torch
+
+        from dm_assets.regression.beton import BetonError
+        from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
+
         paths = experiment.paths(home.path or None)
         fit_dir = paths.fits / _fit_id(context)
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)

@@ -235,6 +235,6 @@ def test_definitions_load_with_every_experiment() -> None:
 def test_jobs_and_build_definitions_per_experiment(tmp_path: Path) -> None:
     experiment = shipped("minimal")
     jobs = {j.name for j in experiment_jobs(experiment)}
-    assert jobs == {"minimal_train", "minimal_fit", "minimal_all"}
+    assert jobs == {"minimal_train", "minimal_fit", "minimal_all"} == set(experiment.jobs())
     defs = build_definitions([experiment], resources(tmp_path))
     dg.Definitions.validate_loadable(defs)
