@@ -112,8 +112,9 @@ def _print_event(entry: Any, quiet: bool) -> None:
     message = entry.user_message or ""
     if event is not None and kind == "STEP_FAILURE":
         error = event.step_failure_data.error if event.step_failure_data else None
-        if error is not None:
+        while error is not None:  # the wrapper's message, then what the asset raised
             message = f"{message}\n{error.message.rstrip()}"
+            error = error.cause
     elif event is not None and kind == "ASSET_CHECK_EVALUATION":
         data = event.event_specific_data
         message = (

@@ -16,7 +16,7 @@ from dm_assets.experiment import Experiment, RegressionSettings
 from dm_assets.regression.config import ConfigError
 from dm_assets.resources.devices import DeviceSlotsResource
 from dm_assets.resources.tracking import MlflowTracking
-from dm_assets.store import Store
+from dm_assets.store import Store, StoreError
 
 
 def _point_link(link: Path, target: Path) -> None:
@@ -64,8 +64,19 @@ def regression_assets(
         from dm_assets.regression.beton import BetonError, beton_info, write_beton
 
         paths = experiment.paths(home.path or None)
-        with Store.open(paths.store) as store:
-            completed = store.completed_indices()
+        try:
+            with Store.open(paths.store) as store:
+                completed = store.completed_indices()
+        except StoreError as exc:
+            raise dg.Failure(
+                description=f"{exc}\nMaterialize {name}/store and train some partitions first "
+                f"(job {name}_train)."
+            ) from exc
+        if len(completed) == 0:
+            raise dg.Failure(
+                description=f"no model of {name!r} is trained yet (store {paths.store}): "
+                f"materialize partitions of {name}/model_outputs first (job {name}_train)."
+            )
         try:
             summary = write_beton(
                 paths.store, paths.beton, x_name=regression.x_name, y_name=regression.y_name

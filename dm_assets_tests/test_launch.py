@@ -1,0 +1,148 @@
+"""``python -m dm_assets.launch``: interrupting it terminates the Dagster run, and the run's
+worker processes end with it; a fit without trained models fails with a clear message."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dm_assets.launch import partition_tags
+from dm_assets.store import Store
+from dm_assets_tests.conftest import REPO_ROOT, cli_env
+
+SLEEPY = """
+name: sleepy
+spec:
+  num_models: 40
+  schema:
+    masks: {shape: [4], dtype: bool_}
+    margins: {shape: [1], dtype: float32}
+trainer:
+  main_import: dm_assets_tests.scripts.sleepy
+models_per_partition: 10
+max_partitions_per_run: 4
+devices: {gpus: none, cpu_workers: 2}
+regression:
+  data: {num_train: 20, num_val: 10}
+  cfg: {k: 5, batch_size: 10, device: cpu, num_workers: 1}
+"""
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    experiments = tmp_path / "experiments"
+    experiments.mkdir(exist_ok=True)
+    (experiments / "sleepy.yaml").write_text(SLEEPY)
+    return {
+        **cli_env(),
+        "DM_HOME": str(tmp_path / "home"),
+        "DM_EXPERIMENTS": str(experiments),
+        "DAGSTER_HOME": str(tmp_path / "home" / "dagster"),
+        "SLEEPY_SECONDS": "0.4",
+    }
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (not zombies) whose command line or environment mentions ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            if re.search(r"^State:\s+Z", status, re.M):
+                continue
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def test_partition_tags() -> None:
+    keys = ["00-09", "10-19", "20-29"]
+    assert partition_tags("j", keys, "all") == {
+        "dagster/asset_partition_range_start": "00-09",
+        "dagster/asset_partition_range_end": "20-29",
+    }
+    assert partition_tags("j", keys, "10-19")["dagster/asset_partition_range_end"] == "10-19"
+    with pytest.raises(ValueError, match="not a partition"):
+        partition_tags("j", keys, "10-20")
+    with pytest.raises(ValueError, match="backwards"):
+        partition_tags("j", keys, "20-29...00-09")
+    with pytest.raises(ValueError, match="no partitions"):
+        partition_tags("j", [], "00-09")
+
+
+@pytest.mark.slow
+def test_interrupting_launch_terminates_the_run_and_its_workers(tmp_path: Path) -> None:
+    env = environment(tmp_path)
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "dm_assets.launch", "sleepy_train"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    store_dir = tmp_path / "home" / "sleepy" / "store"
+    deadline = time.monotonic() + 120
+    while True:
+        if store_dir.joinpath("_completed.npy").exists():
+            with Store.open(store_dir) as store:
+                if len(store.completed_indices()) >= 2:
+                    break
+        assert launch.poll() is None, launch.communicate()[0]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    launch.send_signal(signal.SIGINT)
+    output, _ = launch.communicate(timeout=120)
+    assert launch.returncode != 0, output
+    run_id = re.search(r"as run ([0-9a-f-]{36})", output)
+    assert run_id is not None, output
+    assert "terminating run" in output
+
+    # the run ends canceled, and nothing it started keeps running
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        instance = DagsterInstance.get()
+        deadline = time.monotonic() + 60
+        while True:
+            run = instance.get_run_by_id(run_id[1])
+            assert run is not None
+            left = processes_mentioning(str(tmp_path))
+            if run.status == DagsterRunStatus.CANCELED and not left:
+                break
+            assert time.monotonic() < deadline, (run.status, left)
+            time.sleep(0.5)
+    finally:
+        os.environ.pop("DAGSTER_HOME", None)
+    with Store.open(store_dir) as store:
+        done = store.completed_indices()
+        margins = store.read("margins")
+        assert 2 <= len(done) < 40
+        assert [float(margins[i, 0]) for i in done] == [float(i) for i in done]
+
+
+def test_fit_without_trained_models_fails_clearly(tmp_path: Path) -> None:
+    env = environment(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dm_assets.launch", "sleepy_fit", "--quiet"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "STEP_FAILURE" in proc.stdout
+    assert "store" in proc.stdout.lower()
