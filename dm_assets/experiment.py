@@ -24,6 +24,9 @@ An experiment file holds::
       data: {num_train: 200, num_val: 50}   # the seed's compute_datamodels sections;
       cfg: {k: 20, batch_size: 100}         # data.data_path and cfg.out_dir are filled in
       early_stopping: {}
+    evaluation:                         # optional (needs regression): <name>/datamodel_eval
+      curve_sizes: [500, 1000, 2000]    # LDS against models used: refits on these prefixes
+      min_lds: 0.5                      # floor on the held-out LDS (an asset check)
     checks:
       min_completed_fraction: 1.0       # store completeness the training must reach
       min_mean_val_r2: 0.0              # floor on the datamodels' mean validation R^2
@@ -139,6 +142,26 @@ class RegressionSettings(_Strict):
         return load_config(None, sections)
 
 
+class EvaluationSettings(_Strict):
+    curve_sizes: list[int] = Field(
+        default_factory=list,
+        description="numbers of training models to refit on for the LDS curve (each at most "
+        "data.num_train; empty: no curve)",
+    )
+    min_lds: float | None = Field(
+        default=None, ge=-1, le=1, description="floor on the held-out LDS (asset check)"
+    )
+
+    @field_validator("curve_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(n < 2 for n in value):
+            raise ValueError(f"{value}: every size must be at least 2 models")
+        if value != sorted(set(value)):
+            raise ValueError(f"{value}: list the sizes in increasing order, each once")
+        return value
+
+
 class CheckSettings(_Strict):
     min_completed_fraction: float = Field(
         default=1.0, ge=0, le=1, description="fraction of the store's models that must be done"
@@ -157,6 +180,7 @@ class _ExperimentFile(_Strict):
     max_partitions_per_run: int = Field(default=20, ge=1)
     devices: DeviceSettings = Field(default_factory=DeviceSettings)
     regression: RegressionSettings | None = None
+    evaluation: EvaluationSettings | None = None
     checks: CheckSettings = Field(default_factory=CheckSettings)
 
     @field_validator("name")
@@ -215,6 +239,7 @@ class Experiment:
     max_partitions_per_run: int
     devices: DeviceSettings
     regression: RegressionSettings | None
+    evaluation: EvaluationSettings | None
     checks: CheckSettings
     source: Path
 
@@ -320,6 +345,31 @@ def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
     return problems
 
 
+def _check_evaluation(
+    evaluation: EvaluationSettings, regression: RegressionSettings | None, spec: Spec
+) -> list[str]:
+    if regression is None:
+        return ["field evaluation: evaluating needs a regression section (datamodels to evaluate)"]
+    try:
+        config = regression.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
+    except ConfigError:
+        return []  # reported by _check_regression
+    seen = config["data"]["num_train"] + config["data"]["num_val"]
+    problems = []
+    if spec.num_models <= seen:
+        problems.append(
+            f"field evaluation: no held-out models: num_models = {spec.num_models} but "
+            f"num_train + num_val = {seen}; the models after them are the held-out ones"
+        )
+    too_big = [n for n in evaluation.curve_sizes if n > config["data"]["num_train"]]
+    if too_big:
+        problems.append(
+            f"field evaluation.curve_sizes: {too_big} exceed data.num_train = "
+            f"{config['data']['num_train']}"
+        )
+    return problems
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate one experiment file; :class:`ExperimentError` lists every problem."""
     source = Path(path).expanduser().resolve()
@@ -342,6 +392,8 @@ def load_experiment(path: str | Path) -> Experiment:
     problems = []
     if parsed.regression is not None:
         problems.extend(_check_regression(parsed.regression, spec))
+    if parsed.evaluation is not None:
+        problems.extend(_check_evaluation(parsed.evaluation, parsed.regression, spec))
     if problems:
         raise ExperimentError(source, problems)
     return Experiment(
@@ -353,6 +405,7 @@ def load_experiment(path: str | Path) -> Experiment:
         max_partitions_per_run=parsed.max_partitions_per_run,
         devices=parsed.devices,
         regression=parsed.regression,
+        evaluation=parsed.evaluation,
         checks=parsed.checks,
         source=source,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -173,3 +174,30 @@ def test_dm_experiments_missing_entry_and_duplicate_names(tmp_path: Path) -> Non
     clash = write(tmp_path, GOOD.replace("name: small", "name: minimal"))
     with pytest.raises(ExperimentError, match="already the name of the experiment in"):
         load_experiments(extra=str(clash))
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "expected"),
+    [
+        ("{curve_sizes: [10, 5]}", "increasing order"),
+        ("{curve_sizes: [5, 30]}", "[30] exceed data.num_train = 20"),
+        ("{min_lds: 2}", "field evaluation.min_lds"),
+        ("{curve_sizes: [1]}", "at least 2 models"),
+    ],
+)
+def test_evaluation_section_is_checked(tmp_path: Path, evaluation: str, expected: str) -> None:
+    path = write(tmp_path, textwrap.dedent(GOOD) + f"evaluation: {evaluation}\n")
+    with pytest.raises(ExperimentError, match=re.escape(expected)):
+        load_experiment(path)
+
+
+def test_evaluation_needs_held_out_models_and_a_regression(tmp_path: Path) -> None:
+    text = textwrap.dedent(GOOD).replace("num_train: 20, num_val: 5", "num_train: 20, num_val: 10")
+    with pytest.raises(ExperimentError, match="no held-out models"):
+        load_experiment(write(tmp_path, text + "evaluation: {min_lds: 0.5}\n"))
+    bare = "name: bare\nspec: {num_models: 3, schema: {x: {shape: [1], dtype: float32}}}\n"
+    bare += "trainer: {main_import: a.b}\nevaluation: {}\n"
+    with pytest.raises(ExperimentError, match="needs a regression section"):
+        load_experiment(write(tmp_path, bare, "bare.yaml"))
+    fine = load_experiment(write(tmp_path, textwrap.dedent(GOOD) + "evaluation: {}\n", "ok.yaml"))
+    assert fine.evaluation is not None and fine.evaluation.curve_sizes == []

@@ -188,6 +188,64 @@ class MlflowTracking(dg.ConfigurableResource):
         default=True, description="Log to MLflow; false makes log_regression a no-op."
     )
 
+    def find_fit_run(self, experiment: str, fit_dir: Path) -> str | None:
+        """The id of the MLflow run that logged ``fit_dir`` (tag ``dm_assets.fit_dir``), if any."""
+        if not self.enabled:
+            return None
+        client = self.client()
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        value = str(Path(fit_dir).resolve()).replace("'", "\\'")
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{FIT_DIR_TAG}` = '{value}'",
+            max_results=1,
+        )
+        return str(runs[0].info.run_id) if runs else None
+
+    def log_evaluation(
+        self,
+        *,
+        experiment: str,
+        fit_dir: Path,
+        metrics: Mapping[str, float],
+        curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+        artifacts: Sequence[Path] = (),
+    ) -> str | None:
+        """Add an evaluation of the fit in ``fit_dir`` to the MLflow run that logged the fit:
+        ``metrics`` as ``eval/<name>``, each curve as metric ``eval/<name>`` with one point per
+        ``(step, value)`` (e.g. step = models used in the fit), ``artifacts`` under
+        ``evaluation/``. Returns the run id; None when disabled or no run logged that fit."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import Metric
+
+        run_id = self.find_fit_run(experiment, fit_dir)
+        if run_id is None:
+            logger.warning(
+                "no MLflow run of experiment %r logged %s; its evaluation is not tracked",
+                experiment,
+                fit_dir,
+            )
+            return None
+        now_ms = int(time.time() * 1000)
+        points = [
+            Metric(_truncate(f"eval/{k}", _MAX_KEY), float(v), now_ms, 0)
+            for k, v in metrics.items()
+        ]
+        for name, curve in (curves or {}).items():
+            points += [
+                Metric(_truncate(f"eval/{name}", _MAX_KEY), float(v), now_ms, int(step))
+                for step, v in curve
+            ]
+        client = self.client()
+        for chunk in _chunks(points, _MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=chunk)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+        return run_id
+
     def resolved_tracking_uri(self) -> str:
         """The tracking URI in use: ``tracking_uri``, else the SQLite file in ``DM_HOME``."""
         return self.tracking_uri or mlflow_tracking_uri(self.home or None)
