@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from dm_assets.assets.evaluation import evaluation_assets
 from dm_assets.assets.regression import regression_assets
 from dm_assets.assets.training import GPU_POOL, HomeResource, training_assets
 from dm_assets.experiment import Experiment
@@ -16,10 +17,14 @@ def experiment_assets(
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     """The experiment's assets and checks, keys prefixed with its name: ``store``,
     ``model_outputs`` and, when it has a regression section, ``regression_dataset`` and
-    ``datamodels``."""
+    ``datamodels`` (and ``datamodel_eval`` with an evaluation section)."""
     assets = training_assets(experiment)
     if experiment.regression is not None:
         assets.extend(regression_assets(experiment, experiment.regression))
+        if experiment.evaluation is not None:
+            assets.extend(
+                evaluation_assets(experiment, experiment.regression, experiment.evaluation)
+            )
     return assets
 
 
@@ -38,15 +43,16 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
         )
     ]
     if experiment.regression is not None:
-        fit = dg.AssetSelection.assets(
-            dg.AssetKey([name, "regression_dataset"]), dg.AssetKey([name, "datamodels"])
-        )
+        fit_keys = [dg.AssetKey([name, "regression_dataset"]), dg.AssetKey([name, "datamodels"])]
+        if experiment.evaluation is not None:
+            fit_keys.append(dg.AssetKey([name, "datamodel_eval"]))
+        fit = dg.AssetSelection.assets(*fit_keys)
         jobs.append(
             dg.define_asset_job(
                 f"{name}_fit",
                 selection=fit,
-                description=f"Write the dataset of {name!r}'s completed models and fit the "
-                "datamodels.",
+                description=f"Write the dataset of {name!r}'s completed models, fit the "
+                "datamodels (and evaluate them on held-out models).",
             )
         )
     jobs.append(

@@ -118,7 +118,18 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
         "rows_match_store",
         "finite_weights",
         "mean_val_r2_floor",
+        "lds_floor",
     }
+
+    # held-out evaluation: the 50 models after num_train + num_val, files beside the fit
+    judged = metadata(result, "minimal", "datamodel_eval")
+    assert judged["held_out_models"] == 50 and judged["targets"] == 4
+    assert 0.7 < judged["lds"] <= 1 and 0 < judged["r2"] <= 1
+    report = json.loads((fit_dir / "evaluation.json").read_text())
+    assert [p["n_train"] for p in report["curve"]] == [50, 100, 200]
+    assert report["lds"] == pytest.approx(judged["lds"])
+    for name in ("evaluation_per_target.csv", "lds_curve.png", "predicted_vs_actual.png"):
+        assert (fit_dir / name).stat().st_size > 0
     assert all(e.passed for e in evaluated.values()), evaluated
 
     # the MLflow run holds one point per lambda step, tagged with the Dagster run
@@ -133,6 +144,11 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "path/mean_val_mse")
     assert len(history) >= 5
     assert sorted(m.step for m in history) == list(range(len(history)))
+    assert client.get_metric_history(run.info.run_id, "eval/lds")[0].value == pytest.approx(
+        judged["lds"]
+    )
+    curve = client.get_metric_history(run.info.run_id, "eval/lds_curve")
+    assert len(curve) == 3
 
     # materializing again trains nothing and keeps every row
     again = materialize(experiment, home, keys=["store", "model_outputs"])
@@ -222,6 +238,7 @@ def test_definitions_load_with_every_experiment() -> None:
     for name in ("minimal", "synthetic"):
         for asset in ("store", "model_outputs", "regression_dataset", "datamodels"):
             assert f"{name}/{asset}" in keys
+    assert "minimal/datamodel_eval" in keys
     assert "seed_minimal/model_outputs" in keys
     assert "seed_minimal/datamodels" not in keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
