@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,57 @@ def _print_event(entry: Any, quiet: bool) -> None:
     print(f"{stamp}{where} {kind}: {message}", flush=True)
 
 
+_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
+_UNFINISHED = ("STARTING", "STARTED", "CANCELING")
+# a run that has not recorded its process after this long never will
+_START_GRACE_SECONDS = 120.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process of this machine running dagster."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return not re.search(r"^State:\s+Z", status, re.M) and b"dagster" in cmdline
+
+
+def reap_dead_runs(instance: Any) -> list[str]:
+    """Mark failed every unfinished run whose run worker process is gone (killed, OOM, the
+    machine rebooted), and free the ``gpu`` pool slots it claimed.
+
+    Without the daemon's run monitoring nothing else does: a SIGKILLed run would stay STARTED
+    and keep its pool slots forever, and once the pool's limit is reached every later training
+    or fitting step waits forever. Assumes the instance's runs ran on this machine (what the
+    shipped configuration's default run launcher does). Returns the run ids reaped.
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    statuses = [DagsterRunStatus[name] for name in _UNFINISHED]
+    reaped = []
+    for run in instance.get_runs(filters=RunsFilter(statuses=statuses)):
+        pids = [
+            int(match[1])
+            for entry in instance.all_logs(run.run_id)
+            if entry.message and (match := _PID.search(entry.message))
+        ]
+        if pids:
+            if any(_alive(pid) for pid in pids):
+                continue
+            why = f"its run worker (pid {pids[-1]}) is gone: killed, out of memory, or rebooted"
+        else:
+            record = instance.get_run_record_by_id(run.run_id)
+            started = record.create_timestamp.timestamp() if record else time.time()
+            if time.time() - started < _START_GRACE_SECONDS:
+                continue
+            why = f"it never started a run worker in {_START_GRACE_SECONDS:g} s"
+        instance.report_run_failed(run, message=f"dm_assets.launch: marked failed: {why}")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
 def follow_run(
     run_id: str, *, timeout: float | None = None, poll: float = 1.0, quiet: bool = False
 ) -> int:
@@ -206,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     tags.update({str(k): str(v) for k, v in extra_tags.items()})
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        for dead in reap_dead_runs(instance):
+            print(f"run {dead} had lost its process: marked failed, its pool slots freed")
     run_id = str(uuid.uuid4())
     command = [
         sys.executable,

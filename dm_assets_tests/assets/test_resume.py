@@ -341,11 +341,6 @@ def test_resumed_run_reports_the_completed_models_as_skipped(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGKILLed run stays STARTED and keeps its `gpu` pool slot (nothing marks it failed "
-    "without the daemon's run monitoring): two killed runs block every later training run",
-)
 def test_killed_run_gives_back_its_gpu_pool_slot(killed_and_resumed: KilledAndResumed) -> None:
     r = killed_and_resumed
     instance = dg.DagsterInstance.from_config(str(r.launcher.dagster_home))
