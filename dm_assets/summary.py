@@ -37,6 +37,23 @@ def describe(experiment: Experiment) -> list[str]:
             f"mean nonzeros {s['mean_nonzeros']:.1f}, {s['solver']} on {s['device']} "
             f"in {s['seconds']:.1f} s"
         )
+    evaluation_file = paths.datamodels / "evaluation.json"
+    if evaluation_file.exists():
+        e = json.loads(evaluation_file.read_text())
+        ceiling = (
+            "" if e.get("noise_ceiling") is None else f", noise ceiling {e['noise_ceiling']:.3f}"
+        )
+        lines.append(
+            f"  held out  {e['held_out_models']} models the fit never saw: LDS {e['lds']:.3f}, "
+            f"Pearson {e['pearson']:.3f}, R^2 {e['r2']:.3f}{ceiling}"
+        )
+        for point in e.get("curve") or []:
+            lines.append(
+                f"            LDS {point['lds']:.3f} when fitted on {point['n_train']} models"
+            )
+        lines.append(
+            f"  pictures  {paths.datamodels.resolve()}/*.png, notebooks/datamodels_analysis.ipynb"
+        )
     return lines
 
 
