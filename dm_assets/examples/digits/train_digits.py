@@ -44,6 +44,7 @@ identical margins (a noise ceiling of exactly 1: this training has no other rand
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -286,3 +287,21 @@ def main(index: int, logdir: str) -> dict[str, np.ndarray]:
     # workers run one per CPU slot; more threads would only contend (and change nothing)
     torch.set_num_threads(1)
     return train_model(index, settings_from_config())
+
+
+def _split_seed(script_args: Sequence[str]) -> int:
+    # the split is always seed 0 (digits.seed draws the masks only); kept as one place to change
+    del script_args
+    return 0
+
+
+def example_images(script_args: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """For the analysis notebook: the training and target images, float32 ``(1000, 8, 8)`` and
+    ``(797, 8, 8)`` in [0, 1], row ``j`` being mask entry ``j`` / target ``j``."""
+    split = load_split(_split_seed(script_args))
+    return split.train_images.reshape(-1, 8, 8), split.target_images.reshape(-1, 8, 8)
+
+
+def target_labels(script_args: Sequence[str]) -> np.ndarray:
+    """For the analysis notebook: each target's digit, int64 ``(797,)``."""
+    return np.asarray(load_split(_split_seed(script_args)).target_labels)
