@@ -116,10 +116,13 @@ def top_examples(raw: np.ndarray, target: int, k: int = 5) -> tuple[np.ndarray, 
 
 
 def embeddings(raw: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Datamodel embeddings: each target's weight vector projected on the principal components
-    of all targets' weight vectors. Returns float64 ``(t, n_components)`` and the fraction of
-    variance each component explains."""
-    centered = raw.T - raw.T.mean(axis=0, keepdims=True)
+    """Datamodel embeddings: each target's weight vector, scaled to unit length (so a few
+    targets with large weights do not decide the axes), projected on the principal components
+    of all of them. Returns float64 ``(t, n_components)`` and the fraction of variance each
+    component explains."""
+    norms = np.linalg.norm(raw, axis=0, keepdims=True)
+    unit = raw / np.where(norms > 0, norms, 1.0)
+    centered = unit.T - unit.T.mean(axis=0, keepdims=True)
     u, s, _ = np.linalg.svd(centered, full_matrices=False)
     n = min(n_components, len(s))
     explained = (s**2) / max(float((s**2).sum()), 1e-300)
