@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from dm_assets.experiment import (
     load_experiment,
     load_experiments,
 )
+from dm_assets_tests.conftest import REPO_ROOT, cli_env
 
 GOOD = """
 name: small
@@ -201,3 +204,19 @@ def test_evaluation_needs_held_out_models_and_a_regression(tmp_path: Path) -> No
         load_experiment(write(tmp_path, bare, "bare.yaml"))
     fine = load_experiment(write(tmp_path, textwrap.dedent(GOOD) + "evaluation: {}\n", "ok.yaml"))
     assert fine.evaluation is not None and fine.evaluation.curve_sizes == []
+
+
+def test_a_broken_user_experiment_stops_the_definitions_loading(tmp_path: Path) -> None:
+    broken = write(tmp_path, GOOD.replace("models_per_partition: 7", "models_per_partition: -1"))
+    env = {**cli_env(), "DM_EXPERIMENTS": str(broken), "DM_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import dm_assets.definitions"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"experiment file {broken}" in proc.stderr
+    assert "field models_per_partition" in proc.stderr
