@@ -24,6 +24,8 @@ An experiment file holds::
       data: {num_train: 200, num_val: 50}   # the seed's compute_datamodels sections;
       cfg: {k: 20, batch_size: 100}         # data.data_path and cfg.out_dir are filled in
       early_stopping: {}
+      targets_per_slice: null           # fit slices of this many targets in parallel (one
+                                        # partition of <name>/datamodel_slices each), merged
     evaluation:                         # optional (needs regression): <name>/datamodel_eval
       curve_sizes: [500, 1000, 2000]    # LDS against models used: refits on these prefixes
       min_lds: 0.5                      # floor on the held-out LDS (an asset check)
@@ -131,6 +133,13 @@ class RegressionSettings(_Strict):
     data: dict[str, Any] = Field(default_factory=dict)
     cfg: dict[str, Any] = Field(default_factory=dict)
     early_stopping: dict[str, Any] = Field(default_factory=dict)
+    targets_per_slice: int | None = Field(
+        default=None,
+        ge=1,
+        description="fit the targets in slices of this many, each slice a partition of "
+        "<name>/datamodel_slices on its own device, merged into <name>/datamodels (default: "
+        "one fit of every target)",
+    )
 
     def config(self, *, data_path: str | Path, out_dir: str | Path) -> RegressionConfig:
         """The seed's compute_datamodels config with the pipeline's paths filled in."""
@@ -337,6 +346,17 @@ def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
         problems.extend(f"field regression: {p}" for p in exc.problems)
         return problems
     d = config["data"]
+    if reg.targets_per_slice is not None and reg.y_name in schema:
+        shape = schema[reg.y_name].shape
+        n_targets = shape[0] if shape else 1
+        start, end = d["target_start_ind"], d["target_end_ind"]
+        if start >= n_targets or end > n_targets:
+            problems.append(
+                f"field regression.data: targets [{start}, {end}) are not within the "
+                f"{n_targets} target(s) of {reg.y_name!r} (shape {list(shape)}), which "
+                "regression.targets_per_slice cuts into slices: fix target_start_ind / "
+                "target_end_ind (-1: to the last target)"
+            )
     if d["num_train"] + d["num_val"] > spec.num_models:
         problems.append(
             f"field regression.data: num_train + num_val = {d['num_train'] + d['num_val']} is "

@@ -220,3 +220,23 @@ def test_a_broken_user_experiment_stops_the_definitions_loading(tmp_path: Path) 
     assert proc.returncode != 0
     assert f"experiment file {broken}" in proc.stderr
     assert "field models_per_partition" in proc.stderr
+
+
+def test_targets_per_slice_is_optional_and_checked(tmp_path: Path) -> None:
+    plain = load_experiment(write(tmp_path, GOOD)).regression
+    assert plain is not None and plain.targets_per_slice is None
+    sliced = GOOD.replace(
+        "cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10}\n  targets_per_slice: 2"
+    )
+    experiment = load_experiment(write(tmp_path, sliced))
+    assert experiment.regression is not None and experiment.regression.targets_per_slice == 2
+    with pytest.raises(ExperimentError, match=r"field regression\.targets_per_slice: "):
+        load_experiment(
+            write(tmp_path, sliced.replace("targets_per_slice: 2", "targets_per_slice: 0"))
+        )
+    beyond = sliced.replace(
+        "data: {num_train: 20, num_val: 5}",
+        "data: {num_train: 20, num_val: 5, target_start_ind: 1, target_end_ind: 5}",
+    )
+    with pytest.raises(ExperimentError, match=r"targets \[1, 5\) are not within the 3 target"):
+        load_experiment(write(tmp_path, beyond))

@@ -1,0 +1,281 @@
+"""Fits of slices of the targets, merged into one fit as if all targets were fitted together.
+
+A regression over many targets can be split by targets: every target's path depends only on the
+masks and its own outputs, so slices ``[a, b)`` fit on different devices (each with
+``data.target_start_ind = a``, ``data.target_end_ind = b``) and :func:`merge_fits` joins their
+fit folders (written by ``write_outputs``) into one folder with the same files:
+
+========================== ====================================================================
+``datamodels.pt``          ``weight`` ``(n_features, n_targets)``: the slices' columns side by
+                           side in target order; ``bias``, ``lam``, ``lam_max`` ``(n_targets,)``
+                           likewise; ``mean``, ``std`` ``(n_features,)``: the slices' own
+                           (identical: every slice standardizes with the same training models)
+``regularization_path.csv`` the slices' tables one after the other, by target then step (its
+                           ``target`` column already counts from the dataset's first target)
+``summary.json``           the slices' counts (``n_train``, ``n_val``, ``n_features``...),
+                           ``n_targets`` and ``seconds`` summed, ``mean_*`` weighted by each
+                           slice's number of targets; ``solver`` and ``device`` the distinct
+                           values joined by ``", "``; ``slices``: per slice its folder, first
+                           target, number of targets, solver, device and seconds
+``config.yaml``            the first slice's config with the target range of the union and
+                           ``cfg.out_dir`` the merged folder (``cfg.device``: the slices' common
+                           device, ``auto`` where they differ)
+========================== ====================================================================
+
+The science layer: no dagster, no mlflow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+
+from dm_assets.regression.compute_datamodels import OUTPUT_FILES
+
+# config keys that legitimately differ between slices of one regression
+_PER_SLICE_KEYS = {
+    ("data", "target_start_ind"),
+    ("data", "target_end_ind"),
+    ("cfg", "out_dir"),
+    ("cfg", "device"),
+}
+# summary counts every slice shares when it was fitted on the same dataset
+_SHARED_COUNTS = ("n_train", "n_val", "n_models_in_dataset", "n_features", "refit")
+# target-weighted means of the summary
+_MEANS = ("mean_lambda_over_max", "mean_nonzeros", "mean_val_r2", "mean_val_mse")
+# mean and std are column statistics of the same training rows: equal up to the float32
+# rounding of a reduction done in another order (another device); one training model more or
+# less moves a column's mean by 1/num_train, far above this
+_STATS_RTOL = 1e-6
+
+
+class MergeError(ValueError):
+    """Slice fits that cannot be merged; the message lists every problem with its fix."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cannot merge the slice fits:\n{lines}")
+
+
+@dataclass(frozen=True)
+class TargetSlice:
+    """Targets ``[start, end)`` of the dataset, fitted together; ``key`` names it, zero-padded
+    to the width of the last target of the whole range so that keys sort: ``t0000-0099``
+    (first and last target, inclusive, as the model partitions' keys)."""
+
+    start: int
+    end: int
+    key: str
+
+
+def target_slices(start: int, end: int, per_slice: int) -> list[TargetSlice]:
+    """Targets ``[start, end)`` cut into consecutive slices of ``per_slice`` (the last may be
+    shorter), in target order."""
+    if per_slice < 1:
+        raise ValueError(f"per_slice={per_slice}: a slice holds at least one target")
+    if not 0 <= start < end:
+        raise ValueError(f"targets [{start}, {end}): need 0 <= start < end")
+    width = len(str(end - 1))
+    slices = []
+    for first in range(start, end, per_slice):
+        stop = min(first + per_slice, end)
+        slices.append(TargetSlice(first, stop, f"t{first:0{width}d}-{stop - 1:0{width}d}"))
+    return slices
+
+
+@dataclass
+class _SliceFit:
+    folder: Path
+    weights: dict[str, torch.Tensor]
+    path: pd.DataFrame
+    summary: dict[str, Any]
+    config: dict[str, dict[str, Any]]
+
+    @property
+    def start(self) -> int:
+        return int(self.config["data"]["target_start_ind"])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.weights["weight"].shape[1])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n_targets
+
+
+def _read(folder: Path) -> _SliceFit:
+    missing = [name for name in OUTPUT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise MergeError(
+            [
+                f"{folder} lacks {missing}: it is not a fit folder written by write_outputs "
+                f"(those hold {list(OUTPUT_FILES)}); refit that slice"
+            ]
+        )
+    return _SliceFit(
+        folder=folder,
+        weights=torch.load(folder / "datamodels.pt", map_location="cpu"),
+        path=pd.read_csv(folder / "regularization_path.csv"),
+        summary=json.loads((folder / "summary.json").read_text()),
+        config=yaml.safe_load((folder / "config.yaml").read_text()),
+    )
+
+
+def _tiling_problems(fits: Sequence[_SliceFit]) -> list[str]:
+    problems = []
+    for before, after in itertools.pairwise(fits):
+        if after.start > before.end:
+            problems.append(
+                f"gap: targets [{before.end}, {after.start}) are in no slice ({before.folder} "
+                f"ends at {before.end}, {after.folder} starts at {after.start}); fit them "
+                "or pass their slice"
+            )
+        elif after.start < before.end:
+            problems.append(
+                f"overlap: targets [{after.start}, {min(before.end, after.end)}) are in "
+                f"{before.folder} and in {after.folder}; pass one fit per slice"
+            )
+    return problems
+
+
+def _consistency_problems(fits: Sequence[_SliceFit]) -> list[str]:
+    first = fits[0]
+    problems = []
+    for fit in fits[1:]:
+        for key in _SHARED_COUNTS:
+            if fit.summary.get(key) != first.summary.get(key):
+                problems.append(
+                    f"summary {key}: {first.summary.get(key)!r} in {first.folder} but "
+                    f"{fit.summary.get(key)!r} in {fit.folder}; the slices were fitted on "
+                    "different datasets: refit the older slices on the current dataset"
+                )
+        for section, values in first.config.items():
+            other = fit.config.get(section, {})
+            for key in sorted(set(values) | set(other)):
+                if (section, key) in _PER_SLICE_KEYS:
+                    continue
+                if values.get(key) != other.get(key):
+                    problems.append(
+                        f"config {section}.{key}: {values.get(key)!r} in {first.folder} but "
+                        f"{other.get(key)!r} in {fit.folder}; refit the slices with one config"
+                    )
+        for name in ("mean", "std"):
+            a, b = first.weights[name], fit.weights[name]
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=_STATS_RTOL, atol=0.0):
+                problems.append(
+                    f"{name}: the standardization of {fit.folder} differs from that of "
+                    f"{first.folder}, so they were fitted on different training models; "
+                    "refit the older slices on the current dataset"
+                )
+    return problems
+
+
+def _joined(values: Sequence[object]) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values))
+
+
+def _summary(fits: Sequence[_SliceFit]) -> dict[str, Any]:
+    total = sum(f.n_targets for f in fits)
+    summary: dict[str, Any] = {
+        "solver": _joined([f.summary["solver"] for f in fits]),
+        "device": _joined([f.summary["device"] for f in fits]),
+        "seconds": float(sum(f.summary["seconds"] for f in fits)),
+    }
+    summary.update({key: fits[0].summary[key] for key in _SHARED_COUNTS if key != "refit"})
+    summary["n_targets"] = total
+    summary["target_start_ind"] = fits[0].start
+    for key in _MEANS:
+        summary[key] = float(sum(f.summary[key] * f.n_targets for f in fits) / total)
+    summary["refit"] = fits[0].summary["refit"]
+    summary["slices"] = [
+        {
+            "fit_dir": str(f.folder),
+            "target_start_ind": f.start,
+            "n_targets": f.n_targets,
+            "solver": f.summary["solver"],
+            "device": f.summary["device"],
+            "seconds": f.summary["seconds"],
+        }
+        for f in fits
+    ]
+    return summary
+
+
+def _config(fits: Sequence[_SliceFit], out_dir: Path) -> dict[str, dict[str, Any]]:
+    config = {section: dict(values) for section, values in fits[0].config.items()}
+    config["data"]["target_start_ind"] = fits[0].start
+    config["data"]["target_end_ind"] = fits[-1].end
+    config["cfg"]["out_dir"] = str(out_dir)
+    devices = {f.config["cfg"]["device"] for f in fits}
+    config["cfg"]["device"] = devices.pop() if len(devices) == 1 else "auto"
+    return config
+
+
+def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Merge fit folders of slices of the targets into ``out_dir`` (see the module docstring),
+    written under a temporary name and renamed when complete; an existing ``out_dir`` is
+    refused.
+
+    Parameters
+    ----------
+    slice_dirs
+        Fit folders written by ``write_outputs`` (links are followed), in any order. Together
+        their targets must tile one range with no gap and no overlap, and they must come from
+        one dataset and one config (equal standardization, counts and settings but the target
+        range and the device).
+    out_dir
+        The merged folder; must not exist.
+
+    Raises
+    ------
+    MergeError
+        Listing every gap, overlap and mismatch, each naming the folders involved.
+    """
+    out_dir = Path(out_dir)
+    if not slice_dirs:
+        raise MergeError(["no slice fit folders given: pass at least one"])
+    if out_dir.exists():
+        raise FileExistsError(
+            f"out_dir={out_dir} already exists; choose a new directory (nothing is overwritten)"
+        )
+    fits = sorted((_read(Path(d).resolve()) for d in slice_dirs), key=lambda f: f.start)
+    problems = _tiling_problems(fits) + _consistency_problems(fits)
+    if problems:
+        raise MergeError(problems)
+    weights = {
+        "weight": torch.cat([f.weights["weight"] for f in fits], dim=1),
+        "bias": torch.cat([f.weights["bias"] for f in fits]),
+        "lam": torch.cat([f.weights["lam"] for f in fits]),
+        "lam_max": torch.cat([f.weights["lam_max"] for f in fits]),
+        "mean": fits[0].weights["mean"],
+        "std": fits[0].weights["std"],
+    }
+    path = pd.concat([f.path for f in fits], ignore_index=True)
+    path = path.sort_values(["target", "step"], kind="stable").reset_index(drop=True)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        torch.save(weights, tmp / "datamodels.pt")
+        path.to_csv(tmp / "regularization_path.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps(_summary(fits), indent=2) + "\n")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(_config(fits, out_dir), sort_keys=False))
+        os.rename(tmp, out_dir)  # fails rather than replace a directory made meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
