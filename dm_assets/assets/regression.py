@@ -1,12 +1,16 @@
 """The fitting half of an experiment's graph: ``<name>/regression_dataset`` (the FFCV beton of
-completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked)."""
+completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked). With
+``regression.targets_per_slice`` the fit is split by targets (see :mod:`dm_assets.assets.slices`)
+and ``<name>/datamodels`` merges the slices."""
 
 import datetime as dt
 import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
@@ -18,17 +22,118 @@ from dm_assets.resources.devices import DeviceSlotsResource
 from dm_assets.resources.tracking import MlflowTracking
 from dm_assets.store import Store, StoreError
 
+if TYPE_CHECKING:
+    import torch
 
-def _point_link(link: Path, target: Path) -> None:
+    from dm_assets.regression.compute_datamodels import Datamodels
+    from dm_assets.regression.config import RegressionConfig
+
+
+def point_link(link: Path, target: Path) -> None:
     """Make ``link`` point at ``target`` (relative), replacing an older link atomically."""
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
 
 
-def _fit_id(context: dg.AssetExecutionContext) -> str:
+def fit_id(context: dg.AssetExecutionContext) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{context.run.run_id[:8]}"
+
+
+def fit_on_a_device_slot(
+    context: dg.AssetExecutionContext,
+    experiment: Experiment,
+    devices: DeviceSlotsResource,
+    config: "RegressionConfig",
+) -> tuple["Datamodels", "RegressionConfig"]:
+    """Fit ``config`` holding one of the experiment's device slots (``cfg.device: auto`` then
+    means that slot's device); returns the fit and the config with the device it used."""
+    from dm_assets.regression.beton import BetonError
+    from dm_assets.regression.compute_datamodels import compute_datamodels
+
+    with devices.acquire(
+        experiment.devices,
+        max_count=1,
+        on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
+    ) as lease:
+        device = lease.devices[0]
+        values = config.to_dict()
+        if values["cfg"]["device"] == "auto":
+            # the leased slot decides which device this process fits on
+            values["cfg"]["device"] = f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
+            config = type(config)(values=values, source=config.source)
+        context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
+        try:
+            return compute_datamodels(config), config
+        except (ConfigError, BetonError) as exc:
+            raise dg.Failure(description=str(exc)) from exc
+
+
+def datamodels_check_specs(key: dg.AssetKey, min_r2: float | None) -> list[dg.AssetCheckSpec]:
+    """The checks of ``<name>/datamodels``: finite weights, mean validation R^2 floor."""
+    floor_text = "none" if min_r2 is None else f"{min_r2:g}"
+    return [
+        dg.AssetCheckSpec(
+            "finite_weights",
+            asset=key,
+            description="Every weight, bias and chosen lambda is finite.",
+        ),
+        dg.AssetCheckSpec(
+            "mean_val_r2_floor",
+            asset=key,
+            description=f"Mean validation R^2 over targets at least {floor_text}.",
+        ),
+    ]
+
+
+def datamodels_results(
+    *,
+    weights: "dict[str, torch.Tensor]",
+    summary: dict,
+    fit_dir: Path,
+    seconds: float,
+    run_id: str | None,
+    tracking: MlflowTracking,
+    min_r2: float | None,
+    extra: "dict[str, dg.RawMetadataValue] | None" = None,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """The materialization of ``<name>/datamodels`` (metadata from the fit's summary) and its
+    two checks, for the fit in ``fit_dir`` (``weights``: its ``datamodels.pt``)."""
+    import torch
+
+    weight = weights["weight"]
+    mean_r2 = float(summary["mean_val_r2"])
+    meta: dict[str, dg.RawMetadataValue] = {
+        "fit_dir": dg.MetadataValue.path(str(fit_dir)),
+        "targets": int(weight.shape[1]),
+        "features": int(weight.shape[0]),
+        "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
+        "mean_nonzeros": float(summary["mean_nonzeros"]),
+        "mean_val_r2": mean_r2,
+        "seconds": seconds,
+        "solver": str(summary["solver"]),
+        **(extra or {}),
+    }
+    if run_id is not None:
+        meta["mlflow_run_id"] = run_id
+        meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
+    yield dg.MaterializeResult(metadata=meta)
+    finite = bool(
+        torch.isfinite(weight).all()
+        and torch.isfinite(weights["bias"]).all()
+        and torch.isfinite(weights["lam"]).all()
+    )
+    yield dg.AssetCheckResult(
+        check_name="finite_weights",
+        passed=finite,
+        metadata={"weights": int(weight.numel())},
+    )
+    yield dg.AssetCheckResult(
+        check_name="mean_val_r2_floor",
+        passed=True if min_r2 is None else bool(math.isfinite(mean_r2) and mean_r2 >= min_r2),
+        metadata={"mean_val_r2": mean_r2, "floor": min_r2 if min_r2 is not None else "none"},
+    )
 
 
 def regression_assets(
@@ -110,7 +215,11 @@ def regression_assets(
             },
         )
 
-    floor_text = "none" if min_r2 is None else f"{min_r2:g}"
+    if regression.targets_per_slice is not None:
+        # imported here: the slices' assets build on this module's helpers
+        from dm_assets.assets.slices import slice_assets
+
+        return [regression_dataset, *slice_assets(experiment, regression)]
 
     @dg.asset(
         key=datamodels_key,
@@ -122,18 +231,7 @@ def regression_assets(
         f"$DM_HOME/{name}/fits/, the latest linked as $DM_HOME/{name}/datamodels. One MLflow "
         "run per fit with a metric point per lambda step.",
         kinds={"pytorch", "mlflow"},
-        check_specs=[
-            dg.AssetCheckSpec(
-                "finite_weights",
-                asset=datamodels_key,
-                description="Every weight, bias and chosen lambda is finite.",
-            ),
-            dg.AssetCheckSpec(
-                "mean_val_r2_floor",
-                asset=datamodels_key,
-                description=f"Mean validation R^2 over targets at least {floor_text}.",
-            ),
-        ],
+        check_specs=datamodels_check_specs(datamodels_key, min_r2),
     )
     def datamodels(
         context: dg.AssetExecutionContext,
@@ -141,37 +239,16 @@ def regression_assets(
         devices: DeviceSlotsResource,
         tracking: MlflowTracking,
     ):
-        import torch
-
-        from dm_assets.regression.beton import BetonError
-        from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
+        from dm_assets.regression.compute_datamodels import write_outputs
 
         paths = experiment.paths(home.path or None)
-        fit_dir = paths.fits / _fit_id(context)
+        fit_dir = paths.fits / fit_id(context)
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)
         started = time.perf_counter()
-        with devices.acquire(
-            experiment.devices,
-            max_count=1,
-            on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
-        ) as lease:
-            device = lease.devices[0]
-            values = config.to_dict()
-            if values["cfg"]["device"] == "auto":
-                # the leased slot decides which device this process fits on
-                values["cfg"]["device"] = (
-                    f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
-                )
-                config = type(config)(values=values, source=config.source)
-            context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
-            try:
-                fit = compute_datamodels(config)
-            except (ConfigError, BetonError) as exc:
-                raise dg.Failure(description=str(exc)) from exc
+        fit, config = fit_on_a_device_slot(context, experiment, devices, config)
         write_outputs(fit, fit_dir, config)
-        _point_link(paths.datamodels, fit_dir)
+        point_link(paths.datamodels, fit_dir)
         seconds = time.perf_counter() - started
-        summary = fit.summary
         run_id = tracking.log_regression(
             experiment=name,
             fit_dir=fit_dir,
@@ -183,37 +260,14 @@ def regression_assets(
                 "dm_assets.experiment": name,
             },
         )
-        result = fit.result
-        weight = result.weight
-        mean_r2 = float(summary["mean_val_r2"])
-        meta: dict[str, dg.RawMetadataValue] = {
-            "fit_dir": dg.MetadataValue.path(str(fit_dir)),
-            "targets": int(weight.shape[1]),
-            "features": int(weight.shape[0]),
-            "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
-            "mean_nonzeros": float(summary["mean_nonzeros"]),
-            "mean_val_r2": mean_r2,
-            "seconds": seconds,
-            "solver": str(summary["solver"]),
-        }
-        if run_id is not None:
-            meta["mlflow_run_id"] = run_id
-            meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
-        yield dg.MaterializeResult(metadata=meta)
-        finite = bool(
-            torch.isfinite(weight).all()
-            and torch.isfinite(result.bias).all()
-            and torch.isfinite(result.lam).all()
-        )
-        yield dg.AssetCheckResult(
-            check_name="finite_weights",
-            passed=finite,
-            metadata={"weights": int(weight.numel())},
-        )
-        yield dg.AssetCheckResult(
-            check_name="mean_val_r2_floor",
-            passed=True if min_r2 is None else bool(math.isfinite(mean_r2) and mean_r2 >= min_r2),
-            metadata={"mean_val_r2": mean_r2, "floor": min_r2 if min_r2 is not None else "none"},
+        yield from datamodels_results(
+            weights=fit.result.seed_dict(),
+            summary=fit.summary,
+            fit_dir=fit_dir,
+            seconds=seconds,
+            run_id=run_id,
+            tracking=tracking,
+            min_r2=min_r2,
         )
 
     return [regression_dataset, datamodels]
