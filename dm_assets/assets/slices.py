@@ -13,7 +13,8 @@ On disk, beside the unsliced layout::
 A slice's key names its first and last target, zero-padded so keys sort (``t0000-0099``).
 Refitting some slices keeps the others' fits: the merge takes each slice's ``latest``. A backfill
 of the slices runs one partition per run, so with several runs at once (the ``gpu`` pool's
-limit) slices fit in parallel, each holding its own device slot (GPU).
+limit) slices fit in parallel, each holding its own device slot (GPU); a run given a range of
+slices fits them one after the other.
 
 MLflow: one run per slice fit (tags ``dm_assets.slice`` = its key, ``dm_assets.targets`` =
 ``start-last``), and one run per merge whose params ``slices.<key>`` name the slice fits it
@@ -114,56 +115,73 @@ def slice_assets(
     ) -> dg.MaterializeResult:
         from dm_assets.regression.compute_datamodels import write_outputs
 
-        keys = context.partition_keys
-        if len(keys) != 1:
-            raise dg.Failure(
-                description=f"{len(keys)} slices {keys[0]}...{keys[-1]} in one step: fit one "
-                f"slice per run (a backfill of {slices_key.to_user_string()} does), so that "
-                "each holds a device of its own"
+        # one slice per run is the way to fit in parallel (a backfill makes one run per
+        # slice); a run given a range fits its slices one after the other
+        fitted = []
+        for key in context.partition_keys:
+            target_slice = slices[key]
+            slice_dir = slices_root(experiment, home.path or None) / key
+            fit_dir = slice_dir / fit_id(context)
+            config = regression.config(
+                data_path=experiment.paths(home.path or None).beton, out_dir=fit_dir
             )
-        target_slice = slices[keys[0]]
-        paths = experiment.paths(home.path or None)
-        slice_dir = slices_root(experiment, home.path or None) / target_slice.key
-        fit_dir = slice_dir / fit_id(context)
-        config = regression.config(data_path=paths.beton, out_dir=fit_dir)
-        values = config.to_dict()
-        values["data"]["target_start_ind"] = target_slice.start
-        values["data"]["target_end_ind"] = target_slice.end
-        config = type(config)(values=values, source=config.source)
-        started = time.perf_counter()
-        fit, config = fit_on_a_device_slot(context, experiment, devices, config)
-        write_outputs(fit, fit_dir, config)
-        point_link(slice_dir / LATEST, fit_dir)
-        seconds = time.perf_counter() - started
-        run_id = tracking.log_regression(
-            experiment=name,
-            fit_dir=fit_dir,
-            run_name=f"{name} {target_slice.key} {fit_dir.name}",
-            tags={
-                "dagster.run_id": context.run.run_id,
-                "dagster.asset_key": slices_key.to_user_string(),
-                "dagster.partition": target_slice.key,
-                "dm_assets.experiment": name,
-                SLICE_TAG: target_slice.key,
-                "dm_assets.targets": f"{target_slice.start}-{target_slice.end - 1}",
-            },
+            values = config.to_dict()
+            values["data"]["target_start_ind"] = target_slice.start
+            values["data"]["target_end_ind"] = target_slice.end
+            config = type(config)(values=values, source=config.source)
+            started = time.perf_counter()
+            fit, config = fit_on_a_device_slot(context, experiment, devices, config)
+            write_outputs(fit, fit_dir, config)
+            point_link(slice_dir / LATEST, fit_dir)
+            seconds = time.perf_counter() - started
+            run_id = tracking.log_regression(
+                experiment=name,
+                fit_dir=fit_dir,
+                run_name=f"{name} {key} {fit_dir.name}",
+                tags={
+                    "dagster.run_id": context.run.run_id,
+                    "dagster.asset_key": slices_key.to_user_string(),
+                    "dagster.partition": key,
+                    "dm_assets.experiment": name,
+                    SLICE_TAG: key,
+                    "dm_assets.targets": f"{target_slice.start}-{target_slice.end - 1}",
+                },
+            )
+            fitted.append((key, fit_dir, fit.summary, seconds, run_id))
+            context.log.info("slice %s: %s in %.1f s", key, fit_dir, seconds)
+        if len(fitted) == 1:
+            key, fit_dir, summary, seconds, run_id = fitted[0]
+            meta: dict[str, dg.RawMetadataValue] = {
+                "fit_dir": dg.MetadataValue.path(str(fit_dir)),
+                "first_target": slices[key].start,
+                "targets": slices[key].end - slices[key].start,
+                "features": int(summary["n_features"]),
+                "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
+                "mean_nonzeros": float(summary["mean_nonzeros"]),
+                "mean_val_r2": float(summary["mean_val_r2"]),
+                "seconds": seconds,
+                "solver": str(summary["solver"]),
+                "device": str(summary["device"]),
+            }
+            if run_id is not None:
+                meta["mlflow_run_id"] = run_id
+            return dg.MaterializeResult(metadata=meta)
+        return dg.MaterializeResult(
+            metadata={
+                "slices_fitted": len(fitted),
+                "targets": sum(slices[f[0]].end - slices[f[0]].start for f in fitted),
+                "seconds": sum(f[3] for f in fitted),
+                "fits": dg.MetadataValue.md(
+                    "| slice | fit folder | mean validation R^2 | device | seconds |\n"
+                    "|---|---|---|---|---|\n"
+                    + "\n".join(
+                        f"| {key} | {fit_dir} | {summary['mean_val_r2']:.3f} | "
+                        f"{summary['device']} | {seconds:.1f} |"
+                        for key, fit_dir, summary, seconds, _ in fitted
+                    )
+                ),
+            }
         )
-        summary = fit.summary
-        meta: dict[str, dg.RawMetadataValue] = {
-            "fit_dir": dg.MetadataValue.path(str(fit_dir)),
-            "first_target": target_slice.start,
-            "targets": target_slice.end - target_slice.start,
-            "features": int(summary["n_features"]),
-            "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
-            "mean_nonzeros": float(summary["mean_nonzeros"]),
-            "mean_val_r2": float(summary["mean_val_r2"]),
-            "seconds": seconds,
-            "solver": str(summary["solver"]),
-            "device": str(summary["device"]),
-        }
-        if run_id is not None:
-            meta["mlflow_run_id"] = run_id
-        return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(
         key=datamodels_key,

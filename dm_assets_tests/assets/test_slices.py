@@ -175,3 +175,20 @@ def test_slices_fit_merge_and_refit_one_keeping_the_other(
     assert client.get_metric_history(fit["mlflow_run_id"], "eval/lds")[0].value == pytest.approx(
         judged["lds"]
     )
+
+    # a run given a range of slices fits them one after the other
+    both = run(
+        sliced,
+        home,
+        ["datamodel_slices"],
+        tags={
+            "dagster/asset_partition_range_start": "t0-1",
+            "dagster/asset_partition_range_end": "t2-3",
+        },
+    )
+    assert both.success
+    assert metadata(both, "sliced", "datamodel_slices")["slices_fitted"] == 2
+    assert {
+        m.partition for m in both.asset_materializations_for_node("sliced__datamodel_slices")
+    } == {"t0-1", "t2-3"}
+    assert (root / "slices" / "t0-1" / "latest").resolve() != kept.resolve()
