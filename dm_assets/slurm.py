@@ -15,7 +15,9 @@ store's completion flags, and learns each task's outcome from its worker report,
 what SLURM says of it (``squeue``'s state and reason, ``scontrol show job``'s exit code while
 the controller still knows the job: accounting is not needed). Indices left incomplete (an
 exception in ``main``, a timeout, a task killed, cancelled, out of memory or past its time
-limit) go into a new job array, up to ``retries`` more rounds. Interrupted (``KeyboardInterrupt``,
+limit) go into a new job array, up to ``retries`` more rounds; a task SLURM will never start
+(pending with reason ``PartitionTimeLimit``, ``InvalidAccount``, ...) is cancelled and its
+indices failed with that reason. Interrupted (``KeyboardInterrupt``,
 Dagster terminating the run, an exception from ``on_progress``, ``cancel_event`` set), it
 ``scancel``\\ s every job it submitted and waits for them to leave the queue before going on.
 
@@ -85,6 +87,15 @@ _FINAL_STATES = frozenset(
         "SPECIAL_EXIT",
         "TIMEOUT",
     }
+)
+
+
+# Reasons a pending task gives when no wait will start it (it asks for more than its partition,
+# account or QOS allows, or for something no node has): such tasks are cancelled and their
+# indices failed with the reason, not retried.
+NEVER_STARTS_REASONS = re.compile(
+    r"BadConstraints|DependencyNeverSatisfied|InvalidAccount|InvalidQOS|PartitionNodeLimit"
+    r"|PartitionTimeLimit|(QOS|Assoc)Max\w*Per(Job|Node)\w*"
 )
 
 
@@ -170,6 +181,7 @@ class _Task:
     state: str = "PENDING"
     reason: str = "None"
     exit_code: str = ""
+    never_starts: bool = False  # cancelled while pending for a reason no wait resolves
 
 
 @dataclass
@@ -179,6 +191,8 @@ class _Array:
     folder: Path
     tasks: list[_Task]
     job_id: str = ""
+    submitted: float = field(default_factory=time.monotonic)
+    seen: bool = False  # squeue has listed it (a job it has never listed may not be known yet)
     done: bool = False
 
     @property
@@ -192,6 +206,12 @@ class _Array:
         return self.folder / f"task_{task.index}.json"
 
     def describe(self, task: _Task) -> str:
+        if task.never_starts:
+            return (
+                f"SLURM task {self.job_id}_{task.index} never started: it was pending with "
+                f"reason {task.reason}, which no wait resolves (check the sbatch options "
+                "against the partition's, account's and QOS's limits); cancelled"
+            )
         text = f"SLURM task {self.job_id}_{task.index} ended {task.state}"
         details = []
         if task.reason and task.reason != "None":
@@ -375,20 +395,38 @@ def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
         proc.stdout = ""
     by_id = {a.job_id: a for a in live}
     active: set[str] = set()
+    hopeless: list[str] = []
     for line in proc.stdout.splitlines():
         words = line.split(maxsplit=2)
-        match = re.fullmatch(r"(\d+)_(\S+)", words[0]) if len(words) >= 2 else None
+        match = re.fullmatch(r"(\d+)(?:_(\S+))?", words[0]) if len(words) >= 2 else None
         if match is None or match[1] not in by_id:
             continue
         array = by_id[match[1]]
+        array.seen = True
         state, reason = words[1], words[2] if len(words) > 2 else "None"
-        for k in _task_ids(match[2]):
-            if 0 <= k < len(array.tasks):
-                array.tasks[k].state, array.tasks[k].reason = state, reason
+        if match[2] is None:  # the array's record itself: its tasks that never started
+            ids = [t.index for t in array.tasks if t.state == "PENDING"]
+        else:
+            ids = [k for k in _task_ids(match[2]) if 0 <= k < len(array.tasks)]
+        for k in ids:
+            task = array.tasks[k]
+            if not task.never_starts:
+                task.state, task.reason = state, reason
+            if state == "PENDING" and NEVER_STARTS_REASONS.match(reason):
+                task.never_starts = True
+                hopeless.append(f"{array.job_id}_{k}")
         if state not in _FINAL_STATES:
             active.add(array.job_id)
+    if hopeless:
+        logger.error(
+            "SLURM task(s) %s pending for a reason no wait resolves; cancelling them",
+            " ".join(hopeless),
+        )
+        slurm.run("scancel", *hopeless, check=False)
     for array in live:
-        array.done = array.job_id not in active
+        # a job squeue never listed may not have reached it yet; after a minute it is gone
+        known = array.seen or time.monotonic() - array.submitted > COMMAND_TIMEOUT_SECONDS
+        array.done = known and array.job_id not in active
 
 
 def _learn_exit_codes(slurm: _Slurm, array: _Array) -> None:
@@ -401,8 +439,9 @@ def _learn_exit_codes(slurm: _Slurm, array: _Array) -> None:
         if not task_id.isdigit() or not 0 <= int(task_id) < len(array.tasks):
             continue
         task = array.tasks[int(task_id)]
-        task.state = fields.get("JobState", task.state)
-        task.reason = fields.get("Reason", task.reason)
+        if not task.never_starts:
+            task.state = fields.get("JobState", task.state)
+            task.reason = fields.get("Reason", task.reason)
         task.exit_code = fields.get("ExitCode", "")
 
 
@@ -505,8 +544,10 @@ def train_models_slurm(
     is called, ``done`` counting the block's indices completed in the store (also called at
     the start and the end). Indices left incomplete once an array has left the queue go into a
     new array, up to ``retries`` more rounds; a task that ended with a usage error (exit 2) is
-    not retried. ``TrainingReport.processes`` counts array tasks; ``seconds_per_model`` has the
-    workers' time in ``main``.
+    not retried, nor one pending for a reason no wait resolves (:data:`NEVER_STARTS_REASONS`:
+    a time limit above the partition's, an unknown account, ...), which is cancelled at once
+    and its indices failed with that reason. ``TrainingReport.processes`` counts array tasks;
+    ``seconds_per_model`` has the workers' time in ``main``.
 
     Raises ``ValueError`` for bad arguments, :class:`~dm_assets.store.StoreError` for a missing
     store or indices outside it, :class:`SlurmError` when ``sbatch`` refuses a job, and
@@ -616,7 +657,12 @@ def _collect_round(
                     outcomes = {o.index: o for o in worker_report.outcomes}
                 except ValueError as exc:
                     logger.warning("%s", exc)
-            usage_error = exit_code == EXIT_USAGE or task.exit_code.startswith(f"{EXIT_USAGE}:")
+            # a usage error, or a task SLURM will never start, fails the same way every time
+            usage_error = (
+                exit_code == EXIT_USAGE
+                or task.exit_code.startswith(f"{EXIT_USAGE}:")
+                or task.never_starts
+            )
             for i in task.indices:
                 report.failed.pop(i, None)
                 outcome = outcomes.get(i)
@@ -654,6 +700,7 @@ def _collect_round(
 __all__ = [
     "CANCEL_WAIT_SECONDS",
     "MAX_ARRAY_TASKS",
+    "NEVER_STARTS_REASONS",
     "SbatchOptions",
     "SlurmCancelledError",
     "SlurmError",

@@ -108,6 +108,8 @@ InactiveLimit=0
 SlurmdTimeout=60
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# For tests of jobs SLURM never starts: asking for more than 1 minute here pends forever.
+PartitionName=short Nodes=$NODE MaxTime=1 State=UP
 EOF
   mv "$CONF.tmp" "$CONF"
 }
@@ -159,7 +161,7 @@ stop() {
   local stopped=()
   if [ -n "$(pid_of slurmctld)" ] && [ -f "$CONF" ]; then
     # Jobs first: their slurmstepd processes would outlive slurmd.
-    scancel --partition=debug >/dev/null 2>&1 || true
+    squeue -h -o %i 2>/dev/null | xargs -r scancel >/dev/null 2>&1 || true
     for _ in $(seq 100); do
       [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
       sleep 0.1

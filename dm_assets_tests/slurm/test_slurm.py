@@ -186,6 +186,22 @@ def test_sbatch_refusal_is_an_error(store_dir: Path, slurm_cluster: SlurmCluster
 
 
 @pytest.mark.slurm
+def test_task_that_never_starts_fails_with_its_reason(
+    store_dir: Path, slurm_cluster: SlurmCluster, job_name: str
+) -> None:
+    # the test cluster's partition "short" allows 1 minute: a task asking for 5 pends forever
+    options = SbatchOptions(partition="short", time_limit="5", job_name=job_name)
+    report = train(store_dir, slurm_cluster, range(6), sbatch=options, retries=2)
+    assert sorted(report.failed) == list(range(6))
+    assert report.rounds == 1  # not retried: it would pend again
+    for reason in report.failed.values():
+        assert re.search(r"SLURM task \d+_[01] never started: .* reason PartitionTimeLimit", reason)
+    assert queued(slurm_cluster, job_name) == []
+    with Store.open(store_dir) as store:
+        assert store.status().completed == 0
+
+
+@pytest.mark.slurm
 @pytest.mark.parametrize("how", ["exception", "cancel_event"])
 def test_interrupted_cancels_every_job(
     store_dir: Path, slurm_cluster: SlurmCluster, job_name: str, tmp_path: Path, how: str
