@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pytest
 import yaml
@@ -263,9 +264,27 @@ def test_slurm_trainer_resource(tmp_path: Path, slurm_cluster: SlurmCluster) -> 
     paths = ExperimentPaths(tmp_path / "home" / "slurm_case")
     Store.initialize(paths.store, experiment.spec).close()
     trainer = SlurmTrainer(indices_per_task=3, poll_seconds=0.3, env=slurm_cluster.env)
-    report = trainer.train(experiment, paths, range(5, 10), log=logging.getLogger("test"))
-    assert report.ok, report.summary()
-    assert report.trained == list(range(5, 10))
+    progress: list[tuple[int, int]] = []
+
+    @dg.asset
+    def trained(context, trainer: SlurmTrainer) -> dg.MaterializeResult:
+        report = trainer.train(
+            experiment,
+            paths,
+            range(5, 10),
+            log=context.log,
+            on_progress=lambda done, total: progress.append((done, total)),
+        )
+        return dg.MaterializeResult(
+            metadata={"trained": report.trained, "failed": len(report.failed)}
+        )
+
+    result = dg.materialize([trained], resources={"trainer": trainer})
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["trained"].value == [5, 6, 7, 8, 9] and metadata["failed"].value == 0
+    assert progress[0] == (0, 5) and progress[-1] == (5, 5)
     report = trainer.train(experiment, paths, range(0, 5), log=logging.getLogger("test"))
     assert report.ok and report.rounds == 2  # 2 is flaky: fails once, then trained
     assert_values(paths.store, range(10))
