@@ -13,6 +13,7 @@ from dm_assets.assets import HomeResource, experiment_assets, experiment_jobs
 from dm_assets.experiment import Experiment, load_experiments
 from dm_assets.home import dm_home
 from dm_assets.resources.devices import DeviceSlotsResource
+from dm_assets.resources.slurm import SlurmTrainer
 from dm_assets.resources.tracking import MlflowTracking
 from dm_assets.resources.trainer import LocalTrainer
 
@@ -25,6 +26,9 @@ def default_resources(home: str | None = None) -> dict[str, dg.ConfigurableResou
         "home": HomeResource(path=root),
         "devices": devices,
         "trainer": LocalTrainer(devices=devices),
+        # used by experiments with `launcher: {kind: slurm}`; SLURM_CONF etc. from the
+        # environment Dagster runs in (set `env` here to pass others to the tasks)
+        "slurm_trainer": SlurmTrainer(),
         "tracking": MlflowTracking(home=root),
     }
 

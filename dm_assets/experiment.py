@@ -45,7 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -171,6 +171,28 @@ class EvaluationSettings(_Strict):
         return value
 
 
+class LauncherSettings(_Strict):
+    """Where the training runs: ``local`` (worker processes on this machine's device slots) or
+    ``slurm`` (job arrays; the other fields override the ``slurm_trainer`` resource's
+    defaults for this experiment)."""
+
+    kind: Literal["local", "slurm"] = Field(default="local", description="local or slurm")
+    indices_per_task: int | None = Field(default=None, ge=1, description="models per array task")
+    partition: str | None = Field(default=None, description="sbatch --partition")
+    account: str | None = Field(default=None, description="sbatch --account")
+    time_limit: str | None = Field(default=None, description="sbatch --time per task")
+    cpus_per_task: int | None = Field(default=None, ge=1, description="sbatch --cpus-per-task")
+    gpus_per_task: int | None = Field(default=None, ge=1, description="sbatch --gpus-per-task")
+    mem: str | None = Field(default=None, description="sbatch --mem per task, e.g. 8G")
+    max_concurrent: int | None = Field(default=None, ge=1, description="array tasks at once")
+    extra_sbatch_args: list[str] | None = Field(default=None, description="verbatim sbatch args")
+    poll_seconds: float | None = Field(default=None, gt=0, description="seconds between polls")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields this experiment sets, by the ``SlurmTrainer`` resource's field names."""
+        return {k: v for k, v in self.model_dump().items() if k != "kind" and v is not None}
+
+
 class CheckSettings(_Strict):
     min_completed_fraction: float = Field(
         default=1.0, ge=0, le=1, description="fraction of the store's models that must be done"
@@ -190,6 +212,7 @@ class _ExperimentFile(_Strict):
     devices: DeviceSettings = Field(default_factory=DeviceSettings)
     regression: RegressionSettings | None = None
     evaluation: EvaluationSettings | None = None
+    launcher: LauncherSettings = Field(default_factory=LauncherSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
 
     @field_validator("name")
@@ -249,6 +272,7 @@ class Experiment:
     devices: DeviceSettings
     regression: RegressionSettings | None
     evaluation: EvaluationSettings | None
+    launcher: LauncherSettings
     checks: CheckSettings
     source: Path
 
@@ -272,13 +296,34 @@ class Experiment:
             )
         return keys
 
-    def jobs(self) -> dict[str, bool]:
-        """The experiment's Dagster jobs, each with whether it runs training partitions:
-        ``<name>_train``, ``<name>_fit`` (with a regression section) and ``<name>_all``."""
-        jobs = {f"{self.name}_train": True}
+    def slice_keys(self) -> list[str]:
+        """The keys of the regression's target slices (``regression.targets_per_slice``), in
+        target order; empty when the regression is not sliced."""
+        reg = self.regression
+        if reg is None or reg.targets_per_slice is None:
+            return []
+        from dm_assets.regression.merge import target_slices
+
+        shape = self.spec.schema[reg.y_name].shape
+        data = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)["data"]
+        end = (shape[0] if shape else 1) if data["target_end_ind"] == -1 else data["target_end_ind"]
+        return [s.key for s in target_slices(data["target_start_ind"], end, reg.targets_per_slice)]
+
+    def jobs(self) -> dict[str, list[str]]:
+        """The experiment's Dagster jobs and the partition keys each runs over (empty: not
+        partitioned): ``<name>_train`` (store, training partitions); with a regression,
+        ``<name>_fit`` (dataset, datamodels, evaluation) or, when fitted by target slices,
+        ``<name>_dataset``, ``<name>_slices`` (one partition per slice) and ``<name>_fit``
+        (the merge and the evaluation); ``<name>_all`` (everything but the slices)."""
+        models = self.partition_keys()
+        jobs = {f"{self.name}_train": models}
         if self.regression is not None:
-            jobs[f"{self.name}_fit"] = False
-        jobs[f"{self.name}_all"] = True
+            slices = self.slice_keys()
+            if slices:
+                jobs[f"{self.name}_dataset"] = []
+                jobs[f"{self.name}_slices"] = slices
+            jobs[f"{self.name}_fit"] = []
+        jobs[f"{self.name}_all"] = models
         return jobs
 
     @staticmethod
@@ -365,6 +410,19 @@ def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
     return problems
 
 
+def _check_launcher(launcher: LauncherSettings) -> list[str]:
+    from dm_assets.slurm import SbatchOptions
+
+    fields = {
+        k: v
+        for k, v in launcher.overrides().items()
+        if k in ("partition", "account", "time_limit", "mem")
+    }
+    return [
+        f"field launcher.{p.removeprefix('sbatch.')}" for p in SbatchOptions(**fields).problems()
+    ]
+
+
 def _check_evaluation(
     evaluation: EvaluationSettings, regression: RegressionSettings | None, spec: Spec
 ) -> list[str]:
@@ -414,6 +472,7 @@ def load_experiment(path: str | Path) -> Experiment:
         problems.extend(_check_regression(parsed.regression, spec))
     if parsed.evaluation is not None:
         problems.extend(_check_evaluation(parsed.evaluation, parsed.regression, spec))
+    problems.extend(_check_launcher(parsed.launcher))
     if problems:
         raise ExperimentError(source, problems)
     return Experiment(
@@ -426,6 +485,7 @@ def load_experiment(path: str | Path) -> Experiment:
         devices=parsed.devices,
         regression=parsed.regression,
         evaluation=parsed.evaluation,
+        launcher=parsed.launcher,
         checks=parsed.checks,
         source=source,
     )

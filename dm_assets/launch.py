@@ -64,8 +64,7 @@ def _jobs() -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for experiment in load_experiments():
-        for job, partitioned in experiment.jobs().items():
-            out[job] = experiment.partition_keys() if partitioned else []
+        out.update(experiment.jobs())
     return out
 
 

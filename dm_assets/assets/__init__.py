@@ -43,16 +43,36 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
         )
     ]
     if experiment.regression is not None:
-        fit_keys = [dg.AssetKey([name, "regression_dataset"]), dg.AssetKey([name, "datamodels"])]
+        dataset_key = dg.AssetKey([name, "regression_dataset"])
+        fit_keys = [dg.AssetKey([name, "datamodels"])]
         if experiment.evaluation is not None:
             fit_keys.append(dg.AssetKey([name, "datamodel_eval"]))
-        fit = dg.AssetSelection.assets(*fit_keys)
+        if experiment.slice_keys():
+            # the slices' partitions differ from the models': a job of their own, after the
+            # dataset (which must not be rewritten while slices read it) and before the merge
+            jobs.append(
+                dg.define_asset_job(
+                    f"{name}_dataset",
+                    selection=dg.AssetSelection.assets(dataset_key),
+                    description=f"Write the dataset of {name!r}'s completed models.",
+                )
+            )
+            jobs.append(
+                dg.define_asset_job(
+                    f"{name}_slices",
+                    selection=dg.AssetSelection.assets(dg.AssetKey([name, "datamodel_slices"])),
+                    description=f"Fit the selected target slices of {name!r}, each on its own "
+                    "device slot (a backfill runs them in parallel).",
+                )
+            )
+        else:
+            fit_keys.insert(0, dataset_key)
         jobs.append(
             dg.define_asset_job(
                 f"{name}_fit",
-                selection=fit,
-                description=f"Write the dataset of {name!r}'s completed models, fit the "
-                "datamodels (and evaluate them on held-out models).",
+                selection=dg.AssetSelection.assets(*fit_keys),
+                description=f"Fit (or merge the slices of) {name!r}'s datamodels from its "
+                "completed models and evaluate them on held-out models.",
             )
         )
     jobs.append(

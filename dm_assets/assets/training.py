@@ -7,10 +7,13 @@ import warnings
 import dagster as dg
 
 from dm_assets.experiment import Experiment
+from dm_assets.resources.slurm import SlurmTrainer
 from dm_assets.resources.trainer import LocalTrainer
 from dm_assets.store import Store, StoreError
 
 GPU_POOL = "gpu"
+# the resource key of each launcher kind (experiment field launcher.kind)
+LAUNCHER_RESOURCE_KEYS = {"local": "trainer", "slurm": "slurm_trainer"}
 
 
 class HomeResource(dg.ConfigurableResource):
@@ -63,6 +66,8 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         context.log.info("store at %s", paths.store)
         return dg.MaterializeResult(metadata=meta)
 
+    # the launcher resource this experiment trains with: local worker processes, or SLURM
+    launcher_key = LAUNCHER_RESOURCE_KEYS[experiment.launcher.kind]
     with warnings.catch_warnings():
         # BackfillPolicy is marked beta; it is how a backfill groups partitions into runs
         warnings.simplefilter("ignore", dg.BetaWarning)
@@ -78,10 +83,15 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             f"{experiment.trainer.main_import}.main(index, logdir) in worker processes, one per "
             "device slot. Completed models are skipped.",
             kinds={"pytorch"},
+            required_resource_keys={"home", launcher_key},
         )
 
     @outputs_decorator
-    def model_outputs(context: dg.AssetExecutionContext, home: HomeResource, trainer: LocalTrainer):
+    def model_outputs(context: dg.AssetExecutionContext):
+        home: HomeResource = context.resources.home
+        trainer: LocalTrainer | SlurmTrainer = getattr(context.resources, launcher_key)
+        if isinstance(trainer, SlurmTrainer) and experiment.launcher.overrides():
+            trainer = trainer.model_copy(update=experiment.launcher.overrides())
         paths = experiment.paths(home.path or None)
         keys = context.partition_keys
         indices = [i for key in keys for i in Experiment.partition_indices(key)]

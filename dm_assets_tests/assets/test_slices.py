@@ -76,6 +76,10 @@ def test_slices_partition_the_targets_and_the_definitions_load(
     merged = graph.get(dg.AssetKey(["sliced", "datamodels"]))
     assert merged.partitions_def is None
     assert {j.name for j in experiment_jobs(sliced)} == set(sliced.jobs())
+    assert sliced.jobs()["sliced_slices"] == ["t0-1", "t2-3"] == sliced.slice_keys()
+    assert sliced.jobs()["sliced_dataset"] == [] and sliced.jobs()["sliced_fit"] == []
+    for job in defs.resolve_all_job_defs():  # every job resolves: one partitioning each
+        assert job.name
 
 
 @pytest.mark.slow
