@@ -1,0 +1,405 @@
+"""Benchmark: the pipeline at the paper's scale (300,000 models), measured.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/scale_bench.py [--parts orchestration,store]
+        [--runs-seconds 300] [--rows 5000] [--out benchmarks/results/scale.json]
+
+1. ``orchestration``: a 300,000-model experiment with the no-op trainer
+   (``dm_assets/examples/noop``) in blocks of ``--block`` (100: 3,000 partitions), grouped
+   ``--partitions-per-run`` (20) to a run, as a backfill does: 150 runs. The ``<name>_train``
+   job runs in process (``execute_in_process`` on ``DagsterInstance.get()``, ``DAGSTER_HOME``
+   in a temporary folder, the range tags of each run's partitions), one run after the other,
+   for as many runs as ``--runs-seconds`` allows; the rest of the 150 runs is extrapolated from
+   the measured ones (and said so). Reported: seconds per run and per model (every second is
+   overhead: the trainer does no work), against the floor of training one run's models in
+   process (:func:`dm_assets.worker.run_indices`); the instance database size (SQLite files
+   under ``DAGSTER_HOME``) after the runs, and its growth per run.
+2. ``store``: a store of 300,000 x 50,000 bool ``masks`` + 300,000 x 10,000 float16 ``margins``
+   (``Store.initialize``: sparse, about 21 GB apparent), ``--rows`` consecutive rows written with
+   ``Store.write_rows`` (groups of 100), then :func:`dm_assets.regression.beton.write_beton` of
+   those completed rows against a raw sequential read of the same bytes from the ``.npy``
+   files (chunks of 64 MiB), each from a cold page cache (``posix_fadvise(DONTNEED)`` on the
+   store's files first) and again warm. Reported: MB/s of store bytes read for each, the ratio,
+   the rows/s of the writes and the disk usage (allocated blocks) of the store and the beton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODELS = 300_000
+EXPERIMENT = """
+name: {name}
+spec:
+  num_models: {models}
+  schema:
+    masks: {{shape: [16], dtype: bool_}}
+    margins: {{shape: [2], dtype: float16}}
+trainer:
+  main_import: dm_assets.examples.noop.train_noop
+models_per_partition: {block}
+max_partitions_per_run: {per_run}
+devices: {{gpus: none, cpu_workers: 2}}
+"""
+MB = 1e6
+
+
+def allocated_bytes(path: Path) -> int:
+    """Disk blocks actually used under ``path`` (a file or a folder), in bytes."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+def apparent_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def orchestration(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    exp_dir = work / "experiments"
+    exp_dir.mkdir(parents=True)
+    home = work / "home"
+    dagster_home = home / "dagster"
+    os.environ.update(
+        DM_HOME=str(home), DM_EXPERIMENTS=str(exp_dir), DAGSTER_HOME=str(dagster_home)
+    )
+    name = "scale"
+    (exp_dir / f"{name}.yaml").write_text(
+        EXPERIMENT.format(
+            name=name, models=MODELS, block=args.block, per_run=args.partitions_per_run
+        )
+    )
+    import dagster as dg
+
+    from dm_assets.definitions import build_definitions, default_resources
+    from dm_assets.experiment import load_experiment
+    from dm_assets.launch import prepare_dagster_home
+    from dm_assets.spec import Spec
+    from dm_assets.store import Store
+    from dm_assets.worker import load_routine, run_indices
+
+    prepare_dagster_home()
+    experiment = load_experiment(exp_dir / f"{name}.yaml")
+    t = time.perf_counter()
+    defs = build_definitions([experiment], default_resources(str(home)))
+    job = defs.resolve_job_def(f"{name}_train")
+    definitions_seconds = time.perf_counter() - t
+    keys = experiment.partition_keys()
+    per = args.partitions_per_run
+    groups = [keys[i : i + per] for i in range(0, len(keys), per)]
+    models_per_run = args.block * per
+    instance = dg.DagsterInstance.get()
+
+    # the floor: one run's models trained in this process into a store of the same spec
+    routine = load_routine("dm_assets.examples.noop.train_noop")
+    spec = Spec.from_dict(
+        {
+            "num_models": MODELS,
+            "schema": {
+                "masks": {"shape": [16], "dtype": "bool_"},
+                "margins": {"shape": [2], "dtype": "float16"},
+            },
+        }
+    )
+    with Store.initialize(work / "floor", spec) as store:
+        t = time.perf_counter()
+        run_indices(store, routine, range(models_per_run), commit_every=1.0)
+        floor = time.perf_counter() - t
+
+    runs: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for group in groups:
+        if runs and time.perf_counter() - started > args.runs_seconds:
+            break
+        t = time.perf_counter()
+        result = job.execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": group[0],
+                "dagster/asset_partition_range_end": group[-1],
+            },
+        )
+        seconds = time.perf_counter() - t
+        assert result.success, f"run of {group[0]}..{group[-1]} failed"
+        runs.append(
+            {
+                "seconds": seconds,
+                "instance_bytes": apparent_bytes(dagster_home),
+                "load_1min": os.getloadavg()[0],
+            }
+        )
+        print(
+            f"  run {len(runs)}/{len(groups)} ({group[0]}..{group[-1]}): {seconds:.2f} s, "
+            f"instance {runs[-1]['instance_bytes'] / MB:.1f} MB",
+            flush=True,
+        )
+    done = len(runs)
+    with Store.open(home / name / "store") as store:
+        completed = int(store.completed_mask().sum())
+    assert completed == done * models_per_run, (completed, done * models_per_run)
+    seconds = [r["seconds"] for r in runs]
+    later = seconds[1:] or seconds  # the first run also initializes the store
+    mean_later = sum(later) / len(later)
+    db_files = {
+        str(p.relative_to(dagster_home)): p.stat().st_size
+        for p in sorted(dagster_home.rglob("*"))
+        if p.is_file() and ".db" in p.name
+    }
+    instance_bytes = sum(db_files.values())
+    growth = (runs[-1]["instance_bytes"] - runs[0]["instance_bytes"]) / max(1, done - 1)
+    remaining = len(groups) - done
+    return {
+        "models": MODELS,
+        "models_per_partition": args.block,
+        "partitions": len(keys),
+        "partitions_per_run": per,
+        "runs_needed": len(groups),
+        "runs_measured": done,
+        "models_trained": completed,
+        "definitions_seconds": definitions_seconds,
+        "first_run_seconds": seconds[0],
+        "mean_run_seconds_after_first": mean_later,
+        "median_run_seconds": sorted(seconds)[len(seconds) // 2],
+        "last_run_seconds": seconds[-1],
+        "seconds_per_model": mean_later / models_per_run,
+        "in_process_floor_seconds_per_run": floor,
+        "in_process_floor_seconds_per_model": floor / models_per_run,
+        "overhead_seconds_per_run": mean_later - floor,
+        "overhead_seconds_per_model": (mean_later - floor) / models_per_run,
+        "ratio_run_to_in_process": mean_later / floor,
+        "measured_seconds_total": sum(seconds),
+        "all_150_runs_seconds": (
+            sum(seconds) + remaining * mean_later if remaining else sum(seconds)
+        ),
+        "all_runs_extrapolated": bool(remaining),
+        "instance_db_bytes": instance_bytes,
+        "instance_db_files": len(db_files),
+        "instance_bytes_all_files": apparent_bytes(dagster_home),
+        "instance_growth_bytes_per_run": growth,
+        "instance_bytes_after_all_runs_extrapolated": (
+            runs[-1]["instance_bytes"] + remaining * growth
+        ),
+        "runs": runs,
+    }
+
+
+def drop_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(paths_ranges: list[tuple[Path, int, int]], chunk: int = 64 << 20) -> int:
+    """Read bytes ``[start, stop)`` of each file sequentially; the bytes read."""
+    total = 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    for path, start, stop in paths_ranges:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = stop - start
+            while left > 0:
+                n = f.readinto(view[: min(chunk, left)])
+                if not n:
+                    raise OSError(f"{path}: short read at {stop - left}")
+                total += n
+                left -= n
+    return total
+
+
+def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    import numpy as np
+
+    from dm_assets.regression.beton import write_beton
+    from dm_assets.spec import Spec
+    from dm_assets.store import Store, read_npy_layout
+
+    n_features, n_targets, rows = 50_000, 10_000, args.rows
+    spec = Spec.from_dict(
+        {
+            "num_models": MODELS,
+            "schema": {
+                "masks": {"shape": [n_features], "dtype": "bool_"},
+                "margins": {"shape": [n_targets], "dtype": "float16"},
+            },
+        }
+    )
+    path = work / "store"
+    t = time.perf_counter()
+    Store.initialize(path, spec).close()
+    init_seconds = time.perf_counter() - t
+    after_init = {"apparent": apparent_bytes(path), "allocated": allocated_bytes(path)}
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((100, n_features)) < 0.5
+    margins = rng.standard_normal((100, n_targets)).astype(np.float16)
+    group = 100
+    t = time.perf_counter()
+    with Store.open(path) as store:
+        for first in range(0, rows, group):
+            batch = range(first, min(first + group, rows))
+            store.write_rows(
+                [(i, {"masks": masks[i % 100], "margins": margins[i % 100]}) for i in batch]
+            )
+    write_seconds = time.perf_counter() - t
+    after_write = {"apparent": apparent_bytes(path), "allocated": allocated_bytes(path)}
+
+    ranges = []
+    for key, row_bytes in (("masks", n_features), ("margins", 2 * n_targets)):
+        file = path / f"{key}.npy"
+        _, _, offset = read_npy_layout(file)
+        ranges.append((file, offset, offset + rows * row_bytes))
+    store_bytes = sum(stop - start for _, start, stop in ranges)
+    files = [path / "masks.npy", path / "margins.npy", path / "_completed.npy"]
+
+    # warm-up: import FFCV and compile what it compiles on a tiny store (not timed)
+    tiny = Spec.from_dict({**spec.to_dict(), "num_models": 4})
+    with Store.initialize(work / "tiny", tiny) as store:
+        store.write_rows([(i, {"masks": masks[i], "margins": margins[i]}) for i in range(4)])
+    write_beton(work / "tiny", work / "tiny.beton")
+
+    measured: dict[str, dict[str, float]] = {}
+    beton = work / "data.beton"
+    for cache in ("cold", "warm"):
+        if cache == "cold":
+            drop_cache(files)
+        t = time.perf_counter()
+        got = raw_read(ranges)
+        raw_seconds = time.perf_counter() - t
+        assert got == store_bytes
+        if cache == "cold":
+            drop_cache(files)
+        if beton.exists():
+            beton.unlink()
+        t = time.perf_counter()
+        summary = write_beton(path, beton)
+        beton_seconds = time.perf_counter() - t
+        assert summary.rows == rows and (summary.idx_min, summary.idx_max) == (0, rows - 1)
+        measured[cache] = {
+            "raw_read_seconds": raw_seconds,
+            "raw_read_MB_per_s": store_bytes / MB / raw_seconds,
+            "write_beton_seconds": beton_seconds,
+            "write_beton_MB_per_s": store_bytes / MB / beton_seconds,
+            "ratio_beton_to_raw": raw_seconds / beton_seconds,
+            "beton_bytes": summary.nbytes,
+            "load_1min": os.getloadavg()[0],
+        }
+        print(
+            f"  {cache}: raw read {raw_seconds:.2f} s, write_beton {beton_seconds:.2f} s",
+            flush=True,
+        )
+    return {
+        "models": MODELS,
+        "n_features": n_features,
+        "n_targets": n_targets,
+        "rows_written": rows,
+        "initialize_seconds": init_seconds,
+        "write_rows_seconds": write_seconds,
+        "write_rows_per_second": rows / write_seconds,
+        "write_rows_MB_per_s": store_bytes / MB / write_seconds,
+        "store_bytes_of_rows": store_bytes,
+        "store_after_initialize": after_init,
+        "store_after_writes": after_write,
+        "beton_allocated_bytes": allocated_bytes(beton),
+        "beton_workers": "default (CPU count, at most 8)",
+        "read": measured,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="orchestration,store")
+    parser.add_argument("--block", type=int, default=100)
+    parser.add_argument("--partitions-per-run", type=int, default=20)
+    parser.add_argument("--runs-seconds", type=float, default=300.0)
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/scale.json"))
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    work = Path(tempfile.mkdtemp(prefix="scale_bench_"))
+    out: dict[str, object] = {
+        "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
+        "load_before": os.getloadavg(),
+        "work_dir": str(work),
+    }
+    import shutil
+
+    try:
+        if "orchestration" in parts:
+            t = time.perf_counter()
+            out["orchestration"] = orchestration(args, work / "orch")
+            out["orchestration_wall_seconds"] = time.perf_counter() - t
+            out["load_after_orchestration"] = os.getloadavg()
+        if "store" in parts:
+            (work / "st").mkdir()
+            t = time.perf_counter()
+            out["store"] = store_and_beton(args, work / "st")
+            out["store_wall_seconds"] = time.perf_counter() - t
+        out["load_after"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    load = out["load_before"]
+    print(f"load before {load[0]:.2f}, after {out['load_after'][0]:.2f} (1 min)")
+    if "orchestration" in out:
+        o = out["orchestration"]
+        print(
+            f"orchestration: {o['models']} no-op models, {o['partitions']} partitions of "
+            f"{o['models_per_partition']}, {o['runs_needed']} runs of "
+            f"{o['partitions_per_run']} partitions; measured {o['runs_measured']} runs"
+        )
+        print(f"{'':34s} {'per run s':>10s} {'per model ms':>13s}")
+        print(
+            f"{'dagster run (mean after first)':34s} {o['mean_run_seconds_after_first']:10.2f} "
+            f"{1000 * o['seconds_per_model']:13.3f}"
+        )
+        print(
+            f"{'in process floor':34s} {o['in_process_floor_seconds_per_run']:10.2f} "
+            f"{1000 * o['in_process_floor_seconds_per_model']:13.3f}"
+        )
+        print(
+            f"{'overhead':34s} {o['overhead_seconds_per_run']:10.2f} "
+            f"{1000 * o['overhead_seconds_per_model']:13.3f}"
+        )
+        word = "extrapolated" if o["all_runs_extrapolated"] else "measured"
+        print(
+            f"all {o['runs_needed']} runs ({word}): {o['all_150_runs_seconds']:.0f} s; "
+            f"instance DB {o['instance_db_bytes'] / MB:.1f} MB after {o['runs_measured']} runs "
+            f"(+{o['instance_growth_bytes_per_run'] / MB:.2f} MB/run; "
+            f"{o['instance_bytes_after_all_runs_extrapolated'] / MB:.0f} MB after all runs)"
+        )
+    if "store" in out:
+        s = out["store"]
+        print(
+            f"store: {s['models']} x ({s['n_features']} bool + {s['n_targets']} float16), "
+            f"{s['rows_written']} rows written at {s['write_rows_per_second']:.0f} rows/s; "
+            f"disk {s['store_after_writes']['allocated'] / MB:.0f} MB allocated of "
+            f"{s['store_after_writes']['apparent'] / 1e9:.1f} GB apparent; beton "
+            f"{s['beton_allocated_bytes'] / MB:.0f} MB"
+        )
+        print(f"{'cache':6s} {'raw MB/s':>9s} {'beton MB/s':>11s} {'beton/raw':>10s}")
+        for cache, m in s["read"].items():
+            print(
+                f"{cache:6s} {m['raw_read_MB_per_s']:9.0f} {m['write_beton_MB_per_s']:11.0f} "
+                f"{m['ratio_beton_to_raw']:10.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
