@@ -19,8 +19,11 @@ same ``--models`` models are trained into fresh stores three ways, each 2 at a t
 3. ``slurm``: :func:`dm_assets.slurm.train_models_slurm` on the real single-node cluster
    (2 CPUs, so 2 tasks at once), ``indices_per_task=10``, ``poll=0.5``.
 
-Reported: seconds, models per hour and the ratio to ``seed`` (models per hour over the seed's),
-with the load average before and after.
+Each way runs ``--repeats`` times, interleaved; the median is reported: seconds, models per
+hour and the ratio to ``seed`` (models per hour over the seed's), with the load average. And
+what bounds that ratio: with 2 at a time the seed's way spends (sleep + its per-process
+start-up, measured by the no-op run) per model and no launcher can beat sleep alone, so for
+1-second models local / seed is at most (1 + start-up) / 1.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def _bench() -> int:
     import argparse
     import json
     import shutil
+    import statistics
     import subprocess
     import sys
     import tempfile
@@ -65,6 +69,7 @@ def _bench() -> int:
     parser.add_argument("--sleeps", default="1,0", help="seconds per model, comma separated")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--indices-per-task", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each way; median kept")
     parser.add_argument("--out", default=str(repo / "benchmarks/results/fanout.json"))
     args = parser.parse_args()
     if not os.environ.get("SLURM_CONF"):
@@ -95,8 +100,8 @@ def _bench() -> int:
             done = int(store.completed_mask().sum())
         assert done == n, f"{path}: {done} of {n} models completed"
 
-    def seed_way(env: dict[str, str]) -> float:
-        store = fresh_store(f"seed_{env['DM_BENCH_SLEEP']}")
+    def seed_way(env: dict[str, str], r: int) -> float:
+        store = fresh_store(f"seed_{env['DM_BENCH_SLEEP']}_{r}")
         base = [sys.executable, "-m", "dm_assets.worker", f"--worker.logdir={store}"]
         todo, running = list(range(n)), []
         t = time.perf_counter()
@@ -121,8 +126,8 @@ def _bench() -> int:
         check(store)
         return seconds
 
-    def local_way(env: dict[str, str]) -> float:
-        store = fresh_store(f"local_{env['DM_BENCH_SLEEP']}")
+    def local_way(env: dict[str, str], r: int) -> float:
+        store = fresh_store(f"local_{env['DM_BENCH_SLEEP']}_{r}")
         slots = DeviceSlots(work / "locks", detect_devices("none", cpu_slots=jobs))
         with slots.acquire(jobs) as lease:
             t = time.perf_counter()
@@ -134,8 +139,8 @@ def _bench() -> int:
         check(store)
         return seconds
 
-    def slurm_way(env: dict[str, str]) -> float:
-        store = fresh_store(f"slurm_{env['DM_BENCH_SLEEP']}")
+    def slurm_way(env: dict[str, str], r: int) -> float:
+        store = fresh_store(f"slurm_{env['DM_BENCH_SLEEP']}_{r}")
         t = time.perf_counter()
         report = train_models_slurm(
             store,
@@ -154,27 +159,42 @@ def _bench() -> int:
 
     ways = {"seed": seed_way, "local": local_way, "slurm": slurm_way}
     load_before = os.getloadavg()
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, object]]] = {}
     for sleep in [float(s) for s in args.sleeps.split(",")]:
         env = {**os.environ, "DM_BENCH_SLEEP": repr(sleep), "PYTHONPATH": pythonpath}
-        row: dict[str, dict[str, float]] = {}
-        for name, way in ways.items():
-            load = os.getloadavg()[0]
-            seconds = way(env)
+        runs: dict[str, list[float]] = {name: [] for name in ways}
+        loads: dict[str, list[float]] = {name: [] for name in ways}
+        for r in range(args.repeats):  # interleaved, so drifting load hits every way alike
+            for name, way in ways.items():
+                loads[name].append(os.getloadavg()[0])
+                runs[name].append(way(env, r))
+                print(
+                    f"  sleep {sleep:g} s, {name}, run {r + 1}: {runs[name][-1]:.2f} s", flush=True
+                )
+        row: dict[str, dict[str, object]] = {}
+        for name in ways:
+            seconds = statistics.median(runs[name])
             row[name] = {
                 "seconds": seconds,
                 "models_per_hour": 3600 * n / seconds,
                 "seconds_per_model": seconds / n,
-                "load_1min_before": load,
+                "all_seconds": runs[name],
+                "load_1min_before": loads[name],
             }
-            print(f"  sleep {sleep:g} s, {name}: {seconds:.2f} s", flush=True)
         for way in row.values():
             way["ratio_to_seed"] = way["models_per_hour"] / row["seed"]["models_per_hour"]
-        # the best possible with `jobs` at once: every model's sleep, no start-up at all
-        row["bound_sleep_only"] = {
-            "models_per_hour": (3600 * jobs / sleep) if sleep > 0 else float("inf"),
-        }
         results[f"sleep_{sleep:g}s"] = row
+    # What bounds the ratio: with `jobs` at once, the seed's way spends (sleep + start-up) per
+    # model and the best launcher sleep alone, so local / seed <= (sleep + start-up) / sleep.
+    if "sleep_0s" in results:
+        startup = results["sleep_0s"]["seed"]["seconds"] * jobs / n
+        for label, row in results.items():
+            sleep = float(label[len("sleep_") : -1])
+            row["bound"] = {
+                "seed_startup_seconds_per_model": startup,
+                "best_models_per_hour": (3600 * jobs / sleep) if sleep > 0 else None,
+                "max_ratio_to_seed": ((sleep + startup) / sleep) if sleep > 0 else None,
+            }
     load_after = os.getloadavg()
     out = {
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
@@ -182,17 +202,19 @@ def _bench() -> int:
         "at_once": jobs,
         "indices_per_task": args.indices_per_task,
         "slurm_poll_seconds": 0.5,
+        "repeats": args.repeats,
         "load_before": load_before,
         "load_after": load_after,
         "results": results,
     }
-    text = json.dumps(out, indent=2).replace("Infinity", '"inf"')
+    text = json.dumps(out, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
     print(
         f"{n} models, {jobs} at a time; load before {load_before[0]:.2f}, "
         f"after {load_after[0]:.2f} (1 min)"
     )
+    print(f"median of {args.repeats} run(s) each, interleaved")
     print(f"{'models':14s} {'way':8s} {'seconds':>8s} {'models/h':>10s} {'x seed':>7s}")
     for label, row in results.items():
         for name in ways:
@@ -200,6 +222,13 @@ def _bench() -> int:
             print(
                 f"{label:14s} {name:8s} {way['seconds']:8.2f} {way['models_per_hour']:10.0f} "
                 f"{way['ratio_to_seed']:7.2f}"
+            )
+        bound = row.get("bound", {})
+        if bound.get("max_ratio_to_seed"):
+            print(
+                f"{label:14s} ceiling: {bound['best_models_per_hour']:.0f} models/h "
+                f"({jobs} x sleep alone), at most {bound['max_ratio_to_seed']:.2f} x seed "
+                f"(seed start-up {bound['seed_startup_seconds_per_model']:.2f} s per model)"
             )
     shutil.rmtree(work, ignore_errors=True)
     return 0
