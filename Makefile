@@ -37,6 +37,10 @@ bench: setup
 	$(PY) benchmarks/store_bench.py
 	$(PY) benchmarks/regression_bench.py
 	$(PY) benchmarks/loader_bench.py
+	$(PY) benchmarks/orchestration_bench.py
+	$(PY) benchmarks/digits_lds.py
+	$(PY) benchmarks/fanout_bench.py
+	$(PY) benchmarks/scale_bench.py
 
 clean:
 	rm -rf .dm .pytest_cache .mypy_cache .ruff_cache
