@@ -59,7 +59,7 @@ import numpy as np
 
 from dm_assets.cli import EXIT_USAGE
 from dm_assets.store import Store, StoreError
-from dm_assets.training import TrainingReport, compact_ranges
+from dm_assets.training import TrainingReport, block_problems, compact_ranges, log_retry
 from dm_assets.worker import IndexOutcome, read_report
 
 logger = logging.getLogger(__name__)
@@ -478,21 +478,7 @@ def _check_arguments(
     poll: float,
 ) -> list[int]:
     """The block's indices, repeats dropped; raises ``ValueError`` listing every bad argument."""
-    problems = []
-    block: list[int] = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-            problems.append(f"indices: every index must be an integer >= 0; got {i!r}")
-            break
-        block.append(int(i))
-    if not main_import:
-        problems.append("main_import: name the module whose main(index, logdir) trains a model")
-    if job_timeout is not None and not job_timeout > 0:
-        problems.append(f"job_timeout: must be > 0 seconds or None; got {job_timeout!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        problems.append(f"retries: must be an integer >= 0 (extra rounds); got {retries!r}")
-    if not commit_every >= 0:
-        problems.append(f"commit_every: must be >= 0 seconds; got {commit_every!r}")
+    block, problems = block_problems(indices, main_import, job_timeout, retries, commit_every)
     if (
         isinstance(indices_per_task, bool)
         or not isinstance(indices_per_task, int)
@@ -504,7 +490,7 @@ def _check_arguments(
     problems.extend(sbatch.problems())
     if problems:
         raise ValueError("train_models_slurm: " + "; ".join(problems))
-    return list(dict.fromkeys(block))
+    return block
 
 
 def train_models_slurm(
@@ -686,14 +672,7 @@ def _collect_round(
                     again.append(i)
             if task.state != "COMPLETED":
                 logger.warning("%s; log %s", array.describe(task), array.log_path(task))
-    if again and report.rounds <= retries:
-        logger.warning(
-            "%d index(es) failed in round %d (%s); submitting them again (%d retry round(s) left)",
-            len(again),
-            report.rounds,
-            compact_ranges(sorted(again)),
-            retries - report.rounds + 1,
-        )
+    log_retry(again, report, retries, "submitting")
     return sorted(again)
 
 

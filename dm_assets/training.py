@@ -208,6 +208,46 @@ def _stop(workers: Sequence[_Worker], grace: float = KILL_GRACE_SECONDS) -> None
                 w.proc.wait(timeout=grace)
 
 
+def block_problems(
+    indices: Sequence[int],
+    main_import: str,
+    job_timeout: float | None,
+    retries: int,
+    commit_every: float,
+) -> tuple[list[int], list[str]]:
+    """What every launcher checks: the block's indices (repeats dropped) and the problems with
+    the arguments all launchers share, each naming the argument, the value and the fix."""
+    problems = []
+    block: list[int] = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            problems.append(f"indices: every index must be an integer >= 0; got {i!r}")
+            break
+        block.append(int(i))
+    if not main_import:
+        problems.append("main_import: name the module whose main(index, logdir) trains a model")
+    if job_timeout is not None and not job_timeout > 0:
+        problems.append(f"job_timeout: must be > 0 seconds or None; got {job_timeout!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        problems.append(f"retries: must be an integer >= 0 (extra rounds); got {retries!r}")
+    if not commit_every >= 0:
+        problems.append(f"commit_every: must be >= 0 seconds; got {commit_every!r}")
+    return list(dict.fromkeys(block)), problems
+
+
+def log_retry(again: Sequence[int], report: TrainingReport, retries: int, doing: str) -> None:
+    """Say that ``again`` failed in this round and is ``doing`` (running, submitting) again."""
+    if again and report.rounds <= retries:
+        logger.warning(
+            "%d index(es) failed in round %d (%s); %s them again (%d retry round(s) left)",
+            len(again),
+            report.rounds,
+            compact_ranges(sorted(again)),
+            doing,
+            retries - report.rounds + 1,
+        )
+
+
 def _check_arguments(
     indices: Sequence[int],
     main_import: str,
@@ -219,23 +259,9 @@ def _check_arguments(
     progress_every: float,
 ) -> list[int]:
     """The block's indices, repeats dropped; raises ``ValueError`` listing every bad argument."""
-    problems = []
-    block: list[int] = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-            problems.append(f"indices: every index must be an integer >= 0; got {i!r}")
-            break
-        block.append(int(i))
-    if not main_import:
-        problems.append("main_import: name the module whose main(index, logdir) trains a model")
+    block, problems = block_problems(indices, main_import, job_timeout, retries, commit_every)
     if lease.released:
         problems.append("lease: it was already released; acquire device slots again")
-    if job_timeout is not None and not job_timeout > 0:
-        problems.append(f"job_timeout: must be > 0 seconds or None; got {job_timeout!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        problems.append(f"retries: must be an integer >= 0 (extra rounds); got {retries!r}")
-    if not commit_every >= 0:
-        problems.append(f"commit_every: must be >= 0 seconds; got {commit_every!r}")
     if threads_per_worker is not None and (
         isinstance(threads_per_worker, bool)
         or not isinstance(threads_per_worker, int)
@@ -248,7 +274,7 @@ def _check_arguments(
         problems.append(f"progress_every: must be > 0 seconds; got {progress_every!r}")
     if problems:
         raise ValueError("train_models: " + "; ".join(problems))
-    return list(dict.fromkeys(block))
+    return block
 
 
 def train_models(
@@ -525,21 +551,16 @@ def _collect_round(
                 w.device.name,
                 w.describe_exit(),
             )
-    if again and report.rounds <= retries:
-        logger.warning(
-            "%d index(es) failed in round %d (%s); running them again (%d retry round(s) left)",
-            len(again),
-            report.rounds,
-            compact_ranges(sorted(again)),
-            retries - report.rounds + 1,
-        )
+    log_retry(again, report, retries, "running")
     return sorted(again)
 
 
 __all__ = [
     "KILL_GRACE_SECONDS",
     "TrainingReport",
+    "block_problems",
     "compact_ranges",
+    "log_retry",
     "split_contiguous",
     "train_models",
 ]
