@@ -8,8 +8,9 @@
 This command submits the run through it (so what CI runs is exactly Dagster's launch path),
 prints the run's log as it goes, and exits 0 only when the run succeeded: 1 when it failed or
 was canceled, 124 when ``--timeout`` passed first (the run is then terminated), 2 for a usage
-error. Jobs over training partitions get every partition unless ``--partitions`` says otherwise
-(one key, or an inclusive range ``FIRST...LAST``).
+error, 130 on Ctrl-C (SIGINT), which terminates the run: its worker processes end, its SLURM
+jobs are cancelled. Jobs over partitions get every partition unless ``--partitions`` says
+otherwise (one key, or an inclusive range ``FIRST...LAST``).
 
 When ``DAGSTER_HOME`` is not set it is ``$DM_HOME/dagster`` (default ``.dm/dagster``), prepared
 with the shipped instance configuration (``dm_assets/dagster.yaml``: SQLite storage, runs start
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -156,11 +158,7 @@ def reap_dead_runs(instance: Any) -> list[str]:
     statuses = [DagsterRunStatus[name] for name in _UNFINISHED]
     reaped = []
     for run in instance.get_runs(filters=RunsFilter(statuses=statuses)):
-        pids = [
-            int(match[1])
-            for entry in instance.all_logs(run.run_id)
-            if entry.message and (match := _PID.search(entry.message))
-        ]
+        pids = _run_worker_pids(instance, run.run_id)
         if pids:
             if any(_alive(pid) for pid in pids):
                 continue
@@ -177,14 +175,48 @@ def reap_dead_runs(instance: Any) -> list[str]:
     return reaped
 
 
+def _run_worker_pids(instance: Any, run_id: str) -> list[int]:
+    return [
+        int(match[1])
+        for entry in instance.all_logs(run_id)
+        if entry.message and (match := _PID.search(entry.message))
+    ]
+
+
+def terminate_run(instance: Any, run_id: str) -> None:
+    """Stop run ``run_id``: through the run launcher (the code server that started it), else,
+    when that server is gone (``dagster job launch`` keeps it only about a minute), by
+    interrupting the run worker process directly, as Ctrl-C would: its steps unwind, and the
+    training launchers end their worker processes and cancel their SLURM jobs."""
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.is_finished:
+        return
+    print(f"interrupted: terminating run {run_id}", file=sys.stderr, flush=True)
+    try:
+        if instance.run_launcher.terminate(run_id):
+            return
+    except Exception as exc:  # the code server may have shut down meanwhile
+        print(f"the run launcher could not terminate it ({exc}); interrupting its process")
+    for pid in _run_worker_pids(instance, run_id):
+        if _alive(pid):
+            os.kill(pid, signal.SIGINT)
+
+
 def follow_run(
-    run_id: str, *, timeout: float | None = None, poll: float = 1.0, quiet: bool = False
+    run_id: str,
+    *,
+    instance: Any = None,
+    timeout: float | None = None,
+    poll: float = 1.0,
+    quiet: bool = False,
+    terminate_on_interrupt: bool = True,
 ) -> int:
-    """Print the run's log until it ends; its exit status (see the module docstring)."""
+    """Print the run's log until it ends; its exit status (see the module docstring). Ctrl-C
+    terminates the run unless ``terminate_on_interrupt`` is false (the caller does it)."""
     from dagster import DagsterInstance, DagsterRunStatus
 
     terminal = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    instance = DagsterInstance.get()
+    instance = instance if instance is not None else DagsterInstance.get()
     cursor = None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
@@ -204,12 +236,12 @@ def follow_run(
                 break
             if deadline is not None and time.monotonic() > deadline:
                 print(f"run {run_id}: still {run.status.value} after {timeout:g} s; terminating it")
-                instance.run_launcher.terminate(run_id)
+                terminate_run(instance, run_id)
                 return EXIT_TIMEOUT
             time.sleep(poll)
     except KeyboardInterrupt:
-        print(f"interrupted: terminating run {run_id}", file=sys.stderr)
-        instance.run_launcher.terminate(run_id)
+        if terminate_on_interrupt:
+            terminate_run(instance, run_id)
         raise
     status = run.status
     print(f"run {run_id}: {status.value}")
@@ -259,9 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tags.update({str(k): str(v) for k, v in extra_tags.items()})
     from dagster import DagsterInstance
 
-    with DagsterInstance.get() as instance:
-        for dead in reap_dead_runs(instance):
-            print(f"run {dead} had lost its process: marked failed, its pool slots freed")
+    instance = DagsterInstance.get()
+    for dead in reap_dead_runs(instance):
+        print(f"run {dead} had lost its process: marked failed, its pool slots freed")
     run_id = str(uuid.uuid4())
     command = [
         sys.executable,
@@ -286,20 +318,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"processes: {log_path})",
         flush=True,
     )
-    with open(log_path, "ab") as log:
-        # the run's own processes inherit this output: to the log file, not over ours
-        launched = subprocess.run(
-            command, cwd=Path(args.workspace).resolve().parent, stdout=log, stderr=log
+    try:
+        with open(log_path, "ab") as log:
+            # the run's own processes inherit this output: to the log file, not over ours
+            launched = subprocess.run(
+                command, cwd=Path(args.workspace).resolve().parent, stdout=log, stderr=log
+            )
+        if launched.returncode != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-30:]
+            print("\n".join(tail), file=sys.stderr)
+            print(f"error: dagster job launch exited {launched.returncode}", file=sys.stderr)
+            return launched.returncode
+        if args.no_wait:
+            return 0
+        return follow_run(
+            run_id,
+            instance=instance,
+            timeout=args.timeout,
+            quiet=args.quiet,
+            terminate_on_interrupt=False,
         )
-    if launched.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-30:]
-        print("\n".join(tail), file=sys.stderr)
-        print(f"error: dagster job launch exited {launched.returncode}", file=sys.stderr)
-        return launched.returncode
-    if args.no_wait:
-        return 0
-    return follow_run(run_id, timeout=args.timeout, quiet=args.quiet)
+    except KeyboardInterrupt:
+        # from the launch on, an interrupt stops whatever was started
+        terminate_run(instance, run_id)
+        raise
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("launch: interrupted (the run was terminated)", file=sys.stderr)
+        sys.exit(130)
