@@ -53,9 +53,13 @@ devices: {{gpus: none, cpu_workers: 2}}
 """
 
 
-def write_experiment(folder: Path, name: str, models: int, block: int) -> Path:
+def write_experiment(
+    folder: Path, name: str, models: int, block: int, per_run: int | None = None
+) -> Path:
+    """A no-op experiment of ``models`` in blocks of ``block``, ``per_run`` partitions per
+    backfill run (default: all of them)."""
     path = folder / f"{name}.yaml"
-    partitions = -(-models // block)
+    partitions = per_run or -(-models // block)
     path.write_text(EXPERIMENT.format(name=name, models=models, block=block, partitions=partitions))
     return path
 

@@ -36,21 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from orchestration_bench import write_experiment  # noqa: E402  (benchmarks/ is on sys.path)
 
 MODELS = 300_000
-EXPERIMENT = """
-name: {name}
-spec:
-  num_models: {models}
-  schema:
-    masks: {{shape: [16], dtype: bool_}}
-    margins: {{shape: [2], dtype: float16}}
-trainer:
-  main_import: dm_assets.examples.noop.train_noop
-models_per_partition: {block}
-max_partitions_per_run: {per_run}
-devices: {{gpus: none, cpu_workers: 2}}
-"""
 MB = 1e6
 
 
@@ -74,11 +62,7 @@ def orchestration(args: argparse.Namespace, work: Path) -> dict[str, object]:
         DM_HOME=str(home), DM_EXPERIMENTS=str(exp_dir), DAGSTER_HOME=str(dagster_home)
     )
     name = "scale"
-    (exp_dir / f"{name}.yaml").write_text(
-        EXPERIMENT.format(
-            name=name, models=MODELS, block=args.block, per_run=args.partitions_per_run
-        )
-    )
+    write_experiment(exp_dir, name, MODELS, args.block, args.partitions_per_run)
     import dagster as dg
 
     from dm_assets.definitions import build_definitions, default_resources

@@ -86,21 +86,24 @@ def raw_weights(weights: dict[str, Any]) -> np.ndarray:
 def held_out(finished: FinishedExperiment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(model_indices, predicted, actual)`` on the held-out models (completed models the fit
     never saw), predicted and actual float64 ``(n, t)``."""
-    from dm_assets.evaluation import predict
-    from dm_assets.regression.beton import beton_info
+    from dm_assets.evaluation import fitted_and_held_out, predict, read_rows
 
     regression = finished.experiment.regression
     if regression is None:
         raise ValueError(f"experiment {finished.experiment.name!r} has no regression")
     data = regression.config(data_path=finished.paths.beton, out_dir=finished.fit_dir)["data"]
-    seen = beton_info(finished.paths.beton).model_indices[: data["num_train"] + data["num_val"]]
     with Store.open(finished.paths.store) as store:
-        held = np.setdiff1d(store.completed_indices(), seen)
-        masks = np.asarray(store.read(regression.x_name)[held])
-        actual = np.asarray(store.read(regression.y_name)[held], dtype=np.float64)
-    actual = actual.reshape(len(held), -1)
-    end = data["target_end_ind"]
-    actual = actual[:, data["target_start_ind"] : None if end == -1 else end]
+        _, held = fitted_and_held_out(
+            finished.paths.beton, store, data["num_train"], data["num_val"]
+        )
+        masks, actual = read_rows(
+            store,
+            held,
+            x_name=regression.x_name,
+            y_name=regression.y_name,
+            target_start=data["target_start_ind"],
+            target_end=data["target_end_ind"],
+        )
     return held, predict(finished.weights, masks), actual
 
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
     from dm_assets.regression.config import RegressionConfig
+    from dm_assets.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -495,6 +496,34 @@ class CurvePoint:
     r2: float
     seconds: float
     evaluation: Evaluation = field(repr=False)
+
+
+def fitted_and_held_out(
+    dataset_path: str | Path, store: Store, num_train: int, num_val: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(seen, held)``: the model indices the fit used (the dataset's first
+    ``num_train + num_val`` rows, in their order) and the held-out ones (completed models of
+    ``store`` that are not among them, in increasing order); int64 arrays."""
+    from dm_assets.regression.beton import beton_info
+
+    seen = beton_info(dataset_path).model_indices[: num_train + num_val]
+    return seen, np.setdiff1d(store.completed_indices(), seen)
+
+
+def read_rows(
+    store: Store,
+    indices: np.ndarray,
+    *,
+    x_name: str,
+    y_name: str,
+    target_start: int = 0,
+    target_end: int = -1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The masks ``(n, p)`` and the outputs float64 ``(n, t)`` of models ``indices``, the
+    outputs cut to the regression's targets ``[target_start, target_end)`` (-1: to the end)."""
+    masks = np.asarray(store.read(x_name)[indices])
+    outputs = np.asarray(store.read(y_name)[indices], dtype=np.float64).reshape(len(indices), -1)
+    return masks, outputs[:, target_start : None if target_end == -1 else target_end]
 
 
 def _held_out_rows(

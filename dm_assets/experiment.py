@@ -45,7 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -53,6 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dm_assets.home import dm_home
 from dm_assets.regression.config import ConfigError, RegressionConfig, load_config
 from dm_assets.spec import Spec, SpecError
+
+if TYPE_CHECKING:
+    from dm_assets.regression.merge import TargetSlice
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "experiments"
 ENV_VAR = "DM_EXPERIMENTS"
@@ -296,9 +299,10 @@ class Experiment:
             )
         return keys
 
-    def slice_keys(self) -> list[str]:
-        """The keys of the regression's target slices (``regression.targets_per_slice``), in
-        target order; empty when the regression is not sliced."""
+    def target_slices(self) -> list[TargetSlice]:
+        """The regression's targets (``data.target_start_ind`` to ``data.target_end_ind``, -1:
+        the last of the spec's ``y_name`` outputs, a scalar output being one target) in slices
+        of ``regression.targets_per_slice``; empty when the regression is not sliced."""
         reg = self.regression
         if reg is None or reg.targets_per_slice is None:
             return []
@@ -307,7 +311,11 @@ class Experiment:
         shape = self.spec.schema[reg.y_name].shape
         data = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)["data"]
         end = (shape[0] if shape else 1) if data["target_end_ind"] == -1 else data["target_end_ind"]
-        return [s.key for s in target_slices(data["target_start_ind"], end, reg.targets_per_slice)]
+        return target_slices(data["target_start_ind"], end, reg.targets_per_slice)
+
+    def slice_keys(self) -> list[str]:
+        """The keys of :meth:`target_slices`, in target order."""
+        return [s.key for s in self.target_slices()]
 
     def jobs(self) -> dict[str, list[str]]:
         """The experiment's Dagster jobs and the partition keys each runs over (empty: not

@@ -55,11 +55,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-
 from dm_assets.cli import EXIT_USAGE
-from dm_assets.store import Store, StoreError
-from dm_assets.training import TrainingReport, block_problems, compact_ranges, log_retry
+from dm_assets.store import Store
+from dm_assets.training import (
+    Progress,
+    TrainingReport,
+    block_problems,
+    compact_ranges,
+    log_retry,
+    skip_completed,
+)
 from dm_assets.worker import IndexOutcome, read_report
 
 logger = logging.getLogger(__name__)
@@ -563,28 +568,9 @@ def train_models_slurm(
     )
     report = TrainingReport()
     with Store.open(store_dir) as store:
-        outside = [i for i in block if i >= store.spec.num_models]
-        if outside:
-            raise StoreError(
-                f"indices {outside[:10]} are outside the store's range "
-                f"[0, {store.spec.num_models}) at {store_dir}"
-            )
-        positions = np.asarray(block, dtype=np.int64)
-
-        def progress() -> None:
-            if on_progress is not None:
-                on_progress(int(store.completed_mask()[positions].sum()), len(block))
-
-        mask = store.completed_mask()
-        report.skipped = [i for i in block if mask[i]]
-        todo = sorted(i for i in block if not mask[i])
-        if report.skipped:
-            logger.info(
-                "%d of %d model(s) already completed: %s",
-                len(report.skipped),
-                len(block),
-                compact_ranges(sorted(report.skipped)),
-            )
+        todo = skip_completed(store, block, report)
+        # called on every poll: the poll interval is the progress interval
+        progress = Progress(on_progress, 0.0, store, block).report
         progress()
         arrays: list[_Array] = []
         try:
@@ -616,12 +602,7 @@ def train_models_slurm(
             _cancel(slurm, arrays)
             raise
         progress()
-    report.trained.sort()
-    report.skipped.sort()
-    report.failed = dict(sorted(report.failed.items()))
-    report.wall_seconds = time.monotonic() - start
-    (logger.info if report.ok else logger.error)("SLURM training done: %s", report.summary())
-    return report
+    return report.finish(start, "SLURM training done")
 
 
 def _collect_round(

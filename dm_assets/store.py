@@ -167,7 +167,8 @@ def read_npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, offset
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable (``fsync`` on a read-only fd)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -275,7 +276,7 @@ class Store:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, spec_path)
-            _fsync_dir(path)
+            fsync_path(path)
         return cls.open(path)
 
     @classmethod

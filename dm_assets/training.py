@@ -97,6 +97,16 @@ class TrainingReport:
             text += f"\n  ... and {len(failed) - max_failures} more failed"
         return text
 
+    def finish(self, started: float, what: str) -> TrainingReport:
+        """Sort the lists, set ``wall_seconds`` since ``started`` (``time.monotonic``), log
+        ``what`` with the summary (an error when some index failed); returns itself."""
+        self.trained.sort()
+        self.skipped.sort()
+        self.failed = dict(sorted(self.failed.items()))
+        self.wall_seconds = time.monotonic() - started
+        (logger.info if self.ok else logger.error)("%s: %s", what, self.summary())
+        return self
+
 
 def compact_ranges(indices: Iterable[int]) -> str:
     """Indices as ``"0-4,7,9-10"``: runs of consecutive increasing values as inclusive ranges,
@@ -206,6 +216,28 @@ def _stop(workers: Sequence[_Worker], grace: float = KILL_GRACE_SECONDS) -> None
         for w in live:
             with contextlib.suppress(Exception):
                 w.proc.wait(timeout=grace)
+
+
+def skip_completed(store: Store, block: Sequence[int], report: TrainingReport) -> list[int]:
+    """The block's indices still to train, in order; the completed ones go to
+    ``report.skipped``. Raises :class:`~dm_assets.store.StoreError` for indices outside the
+    store."""
+    outside = [i for i in block if i >= store.spec.num_models]
+    if outside:
+        raise StoreError(
+            f"indices {outside[:10]} are outside the store's range "
+            f"[0, {store.spec.num_models}) at {store.path}"
+        )
+    mask = store.completed_mask()
+    report.skipped = [i for i in block if mask[i]]
+    if report.skipped:
+        logger.info(
+            "%d of %d model(s) already completed: %s",
+            len(report.skipped),
+            len(block),
+            compact_ranges(sorted(report.skipped)),
+        )
+    return sorted(i for i in block if not mask[i])
 
 
 def block_problems(
@@ -331,23 +363,8 @@ def train_models(
     logs = Path(log_dir).absolute() if log_dir is not None else store_dir / "launcher_logs"
     report = TrainingReport()
     with Store.open(store_dir) as store:
-        outside = [i for i in block if i >= store.spec.num_models]
-        if outside:
-            raise StoreError(
-                f"indices {outside[:10]} are outside the store's range "
-                f"[0, {store.spec.num_models}) at {store_dir}"
-            )
-        progress = _Progress(on_progress, progress_every, store, block)
-        mask = store.completed_mask()
-        report.skipped = [i for i in block if mask[i]]
-        todo = sorted(i for i in block if not mask[i])
-        if report.skipped:
-            logger.info(
-                "%d of %d model(s) already completed: %s",
-                len(report.skipped),
-                len(block),
-                compact_ranges(sorted(report.skipped)),
-            )
+        todo = skip_completed(store, block, report)
+        progress = Progress(on_progress, progress_every, store, block)
         progress.report()
         launcher = _Launcher(
             python=python,
@@ -384,12 +401,7 @@ def train_models(
             _stop(workers)
             raise
         progress.report()
-    report.trained.sort()
-    report.skipped.sort()
-    report.failed = dict(sorted(report.failed.items()))
-    report.wall_seconds = time.monotonic() - start
-    (logger.info if report.ok else logger.error)("training done: %s", report.summary())
-    return report
+    return report.finish(start, "training done")
 
 
 @dataclass(frozen=True)
@@ -468,7 +480,7 @@ class _Launcher:
         return _Worker(device, chunk, proc, log_path, offset, report_path)
 
 
-class _Progress:
+class Progress:
     """Calls ``callback(done, total)`` at most every ``every`` seconds (or when forced)."""
 
     def __init__(
@@ -490,7 +502,7 @@ class _Progress:
         self.callback(int(self.store.completed_mask()[self.block].sum()), len(self.block))
 
 
-def _wait(workers: Sequence[_Worker], progress: _Progress) -> None:
+def _wait(workers: Sequence[_Worker], progress: Progress) -> None:
     """Until every worker has exited, reporting progress as due."""
     while True:
         running = False
@@ -557,10 +569,12 @@ def _collect_round(
 
 __all__ = [
     "KILL_GRACE_SECONDS",
+    "Progress",
     "TrainingReport",
     "block_problems",
     "compact_ranges",
     "log_retry",
+    "skip_completed",
     "split_contiguous",
     "train_models",
 ]

@@ -56,13 +56,14 @@ def evaluation_assets(
 
         from dm_assets.evaluation import (
             evaluate,
+            fitted_and_held_out,
             group_identical_masks,
             lds_curve,
             plot_lds_curve,
             plot_predicted_vs_actual,
             predict,
+            read_rows,
         )
-        from dm_assets.regression.beton import beton_info
 
         started = time.perf_counter()
         paths = experiment.paths(home.path or None)
@@ -74,34 +75,33 @@ def evaluation_assets(
             )
         weights = torch.load(fit_dir / "datamodels.pt")
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)
-        num_train, num_val = config["data"]["num_train"], config["data"]["num_val"]
-        # the models the fit saw: the dataset's first num_train + num_val rows
-        fitted_on = beton_info(paths.beton).model_indices
-        seen = fitted_on[: num_train + num_val]
+        data = config["data"]
+        num_train, num_val = data["num_train"], data["num_val"]
+        target_start = data["target_start_ind"]
         with Store.open(paths.store) as store:
-            completed = store.completed_indices()
-            held = np.setdiff1d(completed, seen)
+            seen, held = fitted_and_held_out(paths.beton, store, num_train, num_val)
             if len(held) < 3:
                 raise dg.Failure(
                     description=f"only {len(held)} held-out model(s) of {name!r} are trained "
                     f"(completed models beyond the {len(seen)} the fit used): train the "
                     "partitions after them"
                 )
-            masks_all = store.read(regression.x_name)
-            outputs_all = store.read(regression.y_name)
-            masks = np.asarray(masks_all[held])
-            actual = np.asarray(outputs_all[held], dtype=np.float64).reshape(len(held), -1)
-            target_start = config["data"]["target_start_ind"]
-            target_end = config["data"]["target_end_ind"]
-            actual = actual[:, target_start : None if target_end == -1 else target_end]
+            # the curve refits on the seen models and scores the held-out ones: read them all
+            # once; without a curve only the held-out rows are needed
+            order = np.concatenate([seen, held]) if evaluation.curve_sizes else held
+            x, y = read_rows(
+                store,
+                order,
+                x_name=regression.x_name,
+                y_name=regression.y_name,
+                target_start=target_start,
+                target_end=data["target_end_ind"],
+            )
+            masks, actual = x[len(order) - len(held) :], y[len(order) - len(held) :]
             predicted = predict(weights, masks)
             result = evaluate(predicted, actual, groups=group_identical_masks(masks))
             curve = []
             if evaluation.curve_sizes:
-                order = np.concatenate([seen, held])
-                x = np.asarray(masks_all[order])
-                y = np.asarray(outputs_all[order], dtype=np.float64).reshape(len(order), -1)
-                y = y[:, target_start : None if target_end == -1 else target_end]
                 curve = lds_curve(
                     x,
                     y,

@@ -70,6 +70,37 @@ def fit_on_a_device_slot(
             raise dg.Failure(description=str(exc)) from exc
 
 
+def fit_into(
+    context: dg.AssetExecutionContext,
+    experiment: Experiment,
+    devices: DeviceSlotsResource,
+    config: "RegressionConfig",
+    fit_dir: Path,
+    link: Path,
+) -> tuple["Datamodels", "RegressionConfig", float]:
+    """Fit ``config`` on a device slot (:func:`fit_on_a_device_slot`), write the fit folder
+    ``fit_dir`` and point ``link`` at it; the fit, the config it used and the seconds taken."""
+    from dm_assets.regression.compute_datamodels import write_outputs
+
+    started = time.perf_counter()
+    fit, config = fit_on_a_device_slot(context, experiment, devices, config)
+    write_outputs(fit, fit_dir, config)
+    point_link(link, fit_dir)
+    return fit, config, time.perf_counter() - started
+
+
+def run_tags(
+    context: dg.AssetExecutionContext, asset_key: dg.AssetKey, partition: str, experiment: str
+) -> dict[str, str]:
+    """The tags linking an MLflow run to the Dagster run, asset and partition that made it."""
+    return {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": asset_key.to_user_string(),
+        "dagster.partition": partition,
+        "dm_assets.experiment": experiment,
+    }
+
+
 def datamodels_check_specs(key: dg.AssetKey, min_r2: float | None) -> list[dg.AssetCheckSpec]:
     """The checks of ``<name>/datamodels``: finite weights, mean validation R^2 floor."""
     floor_text = "none" if min_r2 is None else f"{min_r2:g}"
@@ -239,26 +270,17 @@ def regression_assets(
         devices: DeviceSlotsResource,
         tracking: MlflowTracking,
     ):
-        from dm_assets.regression.compute_datamodels import write_outputs
-
         paths = experiment.paths(home.path or None)
         fit_dir = paths.fits / fit_id(context)
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)
-        started = time.perf_counter()
-        fit, config = fit_on_a_device_slot(context, experiment, devices, config)
-        write_outputs(fit, fit_dir, config)
-        point_link(paths.datamodels, fit_dir)
-        seconds = time.perf_counter() - started
+        fit, config, seconds = fit_into(
+            context, experiment, devices, config, fit_dir, paths.datamodels
+        )
         run_id = tracking.log_regression(
             experiment=name,
             fit_dir=fit_dir,
             run_name=f"{name} {fit_dir.name}",
-            tags={
-                "dagster.run_id": context.run.run_id,
-                "dagster.asset_key": datamodels_key.to_user_string(),
-                "dagster.partition": context.partition_key if context.has_partition_key else "",
-                "dm_assets.experiment": name,
-            },
+            tags=run_tags(context, datamodels_key, "", name),
         )
         yield from datamodels_results(
             weights=fit.result.seed_dict(),

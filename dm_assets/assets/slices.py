@@ -39,12 +39,13 @@ from dm_assets.assets.regression import (
     datamodels_check_specs,
     datamodels_results,
     fit_id,
-    fit_on_a_device_slot,
+    fit_into,
     point_link,
+    run_tags,
 )
 from dm_assets.assets.training import GPU_POOL, HomeResource
 from dm_assets.experiment import Experiment, RegressionSettings
-from dm_assets.regression.merge import MergeError, TargetSlice, merge_fits, target_slices
+from dm_assets.regression.merge import MergeError, TargetSlice, merge_fits
 from dm_assets.resources.devices import DeviceSlotsResource
 from dm_assets.resources.tracking import MlflowTracking
 
@@ -63,11 +64,7 @@ def experiment_slices(experiment: Experiment, regression: RegressionSettings) ->
     one target), ``targets_per_slice`` each."""
     if regression.targets_per_slice is None:
         raise ValueError(f"experiment {experiment.name!r} does not fit by slices")
-    shape = experiment.spec.schema[regression.y_name].shape
-    n_targets = shape[0] if shape else 1
-    data = regression.config(data_path="unused", out_dir="unused")["data"]
-    end = n_targets if data["target_end_ind"] == -1 else data["target_end_ind"]
-    return target_slices(data["target_start_ind"], end, regression.targets_per_slice)
+    return experiment.target_slices()
 
 
 def slices_root(experiment: Experiment, home: str | Path | None) -> Path:
@@ -113,7 +110,6 @@ def slice_assets(
         devices: DeviceSlotsResource,
         tracking: MlflowTracking,
     ) -> dg.MaterializeResult:
-        from dm_assets.regression.compute_datamodels import write_outputs
 
         # one slice per run is the way to fit in parallel (a backfill makes one run per
         # slice); a run given a range fits its slices one after the other
@@ -129,20 +125,15 @@ def slice_assets(
             values["data"]["target_start_ind"] = target_slice.start
             values["data"]["target_end_ind"] = target_slice.end
             config = type(config)(values=values, source=config.source)
-            started = time.perf_counter()
-            fit, config = fit_on_a_device_slot(context, experiment, devices, config)
-            write_outputs(fit, fit_dir, config)
-            point_link(slice_dir / LATEST, fit_dir)
-            seconds = time.perf_counter() - started
+            fit, config, seconds = fit_into(
+                context, experiment, devices, config, fit_dir, slice_dir / LATEST
+            )
             run_id = tracking.log_regression(
                 experiment=name,
                 fit_dir=fit_dir,
                 run_name=f"{name} {key} {fit_dir.name}",
                 tags={
-                    "dagster.run_id": context.run.run_id,
-                    "dagster.asset_key": slices_key.to_user_string(),
-                    "dagster.partition": key,
-                    "dm_assets.experiment": name,
+                    **run_tags(context, slices_key, key, name),
                     SLICE_TAG: key,
                     "dm_assets.targets": f"{target_slice.start}-{target_slice.end - 1}",
                 },
@@ -218,12 +209,7 @@ def slice_assets(
             experiment=name,
             fit_dir=fit_dir,
             run_name=f"{name} {fit_dir.name} (merge of {len(slice_dirs)} slices)",
-            tags={
-                "dagster.run_id": context.run.run_id,
-                "dagster.asset_key": datamodels_key.to_user_string(),
-                "dagster.partition": "",
-                "dm_assets.experiment": name,
-            },
+            tags=run_tags(context, datamodels_key, "", name),
             params={f"slices.{key}": folder.name for key, folder in slice_dirs.items()},
         )
         if run_id is not None:

@@ -51,7 +51,7 @@ import torch
 
 from dm_assets.regression.data import Batch
 from dm_assets.spec import COMPLETED_KEY
-from dm_assets.store import Store, StoreError
+from dm_assets.store import Store, StoreError, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -571,14 +571,6 @@ def _writer_count(num_workers: int | None, n_rows: int) -> int:
     return max(1, min(num_workers, math.ceil(n_rows / _WRITE_CHUNK_ROWS)))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_beton(
     store_dir: str | Path,
     out_path: str | Path,
@@ -663,11 +655,11 @@ def write_beton(
     try:
         writer = ffcv.GuardedWriter(str(tmp), fields, page_size=page_size, num_workers=workers)
         writer.from_indexed_dataset(plan.rows, chunksize=_WRITE_CHUNK_ROWS)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(out_path.parent)
+    fsync_path(out_path.parent)
     summary = BetonSummary(
         path=out_path,
         rows=len(indices),

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dm_assets.cli import EXIT_FAILED, configure_logging, make_parser
+from dm_assets.store import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +243,6 @@ class _SplitRows:
         return self.split.images[i], int(self.split.labels[i])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def verify_image_beton(path: str | os.PathLike[str], split: CifarSplit) -> None:
     """Raise :class:`CifarError` unless the dataset at ``path`` holds exactly ``split``: the
     fields ``image`` (raw RGB, 32 x 32) and ``label``, and every pixel and label equal. Reads
@@ -315,11 +308,11 @@ def write_image_beton(
         )
         writer.from_indexed_dataset(_SplitRows(split), chunksize=_WRITE_CHUNK_ROWS)
         verify_image_beton(tmp, split)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return path
 
 
