@@ -14,9 +14,9 @@ same ``--models`` models are trained into fresh stores three ways, each 2 at a t
 
 1. ``seed``: the seed's way, one ``python -m dm_assets.worker --worker.index=I`` process per
    model, two running at once (as ``parallel -j2`` does);
-2. ``local``: :func:`dm_assets.training.train_models` with 2 CPU device slots (2 worker
+2. ``local``: :func:`dm_assets.training.local.train_models` with 2 CPU device slots (2 worker
    processes, each importing the script once for its whole chunk);
-3. ``slurm``: :func:`dm_assets.slurm.train_models_slurm` on the real single-node cluster
+3. ``slurm``: :func:`dm_assets.training.slurm.train_models_slurm` on the real single-node cluster
    (2 CPUs, so 2 tasks at once), ``indices_per_task=10``, ``poll=0.5``.
 
 Each way runs ``--repeats`` times, interleaved; the median is reported: seconds, models per
@@ -58,11 +58,11 @@ def _bench() -> int:
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
 
-    from dm_assets.devices import DeviceSlots, detect_devices
-    from dm_assets.slurm import train_models_slurm
-    from dm_assets.spec import Spec
-    from dm_assets.store import Store
-    from dm_assets.training import train_models
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store
+    from dm_assets.training.devices import DeviceSlots, detect_devices
+    from dm_assets.training.local import train_models
+    from dm_assets.training.slurm import train_models_slurm
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=int, default=60)

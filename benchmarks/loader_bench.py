@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from dm_assets.regression.beton import BetonSource, write_beton
-from dm_assets.spec import Spec
-from dm_assets.store import Store
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
 
 
 def fill_store(path: Path, n: int, p: int, t: int) -> None:

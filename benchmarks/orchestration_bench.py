@@ -8,9 +8,9 @@ Run from the repository root::
 The trainer does no work (``dm_assets/examples/noop``), so every second measured is overhead.
 Four ways train the same ``--models`` models into fresh stores (2 CPU device slots):
 
-1. ``in_process``: :func:`dm_assets.worker.run_indices` in this process, one commit per second
-   (the floor: the store's own cost per model);
-2. ``train_models``: :func:`dm_assets.training.train_models`, 2 worker processes (what a
+1. ``in_process``: :func:`dm_assets.training.runner.run_indices` in this process, one commit
+   per second (the floor: the store's own cost per model);
+2. ``train_models``: :func:`dm_assets.training.local.train_models`, 2 worker processes (what a
    Dagster partition run does inside its step);
 3. ``dagster_materialize``: ``dg.materialize`` of the store and every training partition
    (blocks of ``--block``) in this process, one run;
@@ -87,14 +87,14 @@ def main() -> int:
 
     import dagster as dg
 
-    from dm_assets.definitions import build_definitions, default_resources
-    from dm_assets.devices import DeviceSlots, detect_devices
-    from dm_assets.experiment import load_experiment
     from dm_assets.launch import prepare_dagster_home
-    from dm_assets.spec import Spec
-    from dm_assets.store import Store
-    from dm_assets.training import train_models
-    from dm_assets.worker import load_routine, run_indices
+    from dm_assets.pipeline.definitions import build_definitions, default_resources
+    from dm_assets.pipeline.experiment import load_experiment
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store
+    from dm_assets.training.devices import DeviceSlots, detect_devices
+    from dm_assets.training.local import train_models
+    from dm_assets.training.runner import load_routine, run_indices
 
     prepare_dagster_home()
     spec = Spec.from_dict(

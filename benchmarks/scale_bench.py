@@ -13,7 +13,7 @@ Run from the repository root::
    for as many runs as ``--runs-seconds`` allows; the rest of the 150 runs is extrapolated from
    the measured ones (and said so). Reported: seconds per run and per model (every second is
    overhead: the trainer does no work), against the floor of training one run's models in
-   process (:func:`dm_assets.worker.run_indices`); the instance database size (SQLite files
+   process (:func:`dm_assets.training.runner.run_indices`); the instance database size (SQLite files
    under ``DAGSTER_HOME``) after the runs, and its growth per run.
 2. ``store``: a store of 300,000 x 50,000 bool ``masks`` + 300,000 x 10,000 float16 ``margins``
    (``Store.initialize``: sparse, about 21 GB apparent), ``--rows`` consecutive rows written with
@@ -65,12 +65,12 @@ def orchestration(args: argparse.Namespace, work: Path) -> dict[str, object]:
     write_experiment(exp_dir, name, MODELS, args.block, args.partitions_per_run)
     import dagster as dg
 
-    from dm_assets.definitions import build_definitions, default_resources
-    from dm_assets.experiment import load_experiment
     from dm_assets.launch import prepare_dagster_home
-    from dm_assets.spec import Spec
-    from dm_assets.store import Store
-    from dm_assets.worker import load_routine, run_indices
+    from dm_assets.pipeline.definitions import build_definitions, default_resources
+    from dm_assets.pipeline.experiment import load_experiment
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store
+    from dm_assets.training.runner import load_routine, run_indices
 
     prepare_dagster_home()
     experiment = load_experiment(exp_dir / f"{name}.yaml")
@@ -209,8 +209,8 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     import numpy as np
 
     from dm_assets.regression.beton import write_beton
-    from dm_assets.spec import Spec
-    from dm_assets.store import Store, read_npy_layout
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store, read_npy_layout
 
     n_features, n_targets, rows = 50_000, 10_000, args.rows
     spec = Spec.from_dict(

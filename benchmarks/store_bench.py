@@ -84,8 +84,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from dm_assets.spec import COMPLETED_KEY, Spec
-from dm_assets.store import Store
+from dm_assets.store.spec import COMPLETED_KEY, Spec
+from dm_assets.store.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "store.json"

@@ -7,9 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from dm_assets.rows import RowError
-from dm_assets.spec import SpecError
-from dm_assets.store import StoreError
+from dm_assets.errors import DmError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -59,7 +57,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """Run a CLI's ``main``, turning the library's errors into a message and a non-zero exit."""
     try:
         code = main(argv)
-    except (SpecError, StoreError, RowError) as exc:
+    except DmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_FAILED
     sys.exit(code)

@@ -13,8 +13,8 @@ import logging
 from collections.abc import Sequence
 
 from dm_assets.cli import configure_logging, make_parser, run
-from dm_assets.spec import Spec
-from dm_assets.store import Store
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def prepare_dagster_home(environ: dict[str, str] | None = None) -> Path:
 def _jobs() -> dict[str, list[str]]:
     """Every experiment's jobs and their partition keys (empty: not partitioned), read from
     the experiment files (the same ones the definitions are built from)."""
-    from dm_assets.experiment import load_experiments
+    from dm_assets.pipeline.experiment import load_experiments
 
     out: dict[str, list[str]] = {}
     for experiment in load_experiments():

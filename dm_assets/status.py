@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 from dm_assets.cli import add_flag, make_parser, run
-from dm_assets.store import Store
+from dm_assets.store.store import Store
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from dm_assets.experiment import Experiment, load_experiments
 from dm_assets.home import dm_home, mlflow_tracking_uri
-from dm_assets.store import Store, StoreError
+from dm_assets.pipeline.experiment import Experiment, load_experiments
+from dm_assets.store.store import Store, StoreError
 
 
 def describe(experiment: Experiment) -> list[str]:

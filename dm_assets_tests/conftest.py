@@ -1,44 +1,16 @@
-"""Shared fixtures: running the command lines as a user would, in a subprocess."""
+"""Fixtures shared by every test module (helpers live in :mod:`dm_assets_tests.helpers`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dm_assets_tests.slurm_cluster import slurm_cluster
 
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def run_module(
-    module: str, *args: str, timeout: float = 120, cwd: Path | None = None, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """``python -m module args...`` from the repository root, output captured."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd or REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{module} {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
-            f"stderr:\n{proc.stderr}"
-        )
-    return proc
+__all__ = ["slurm_cluster", "write_spec"]
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from dm_assets.launch import partition_tags
-from dm_assets.store import Store
-from dm_assets_tests.conftest import REPO_ROOT, cli_env
+from dm_assets.store.store import Store
+from dm_assets_tests.helpers import REPO_ROOT, cli_env
 
 SLEEPY = """
 name: sleepy

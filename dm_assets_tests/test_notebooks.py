@@ -11,10 +11,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dm_assets.assets import experiment_assets
-from dm_assets.experiment import load_experiment
-from dm_assets_tests.assets.test_graph import resources
-from dm_assets_tests.conftest import REPO_ROOT
+from dm_assets.pipeline.assets import experiment_assets
+from dm_assets.pipeline.experiment import load_experiment
+from dm_assets_tests.helpers import REPO_ROOT, resources
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
 from dm_assets.regression.path_metrics import step_metrics
-from dm_assets.resources.tracking import MlflowTracking
-from dm_assets_tests.conftest import REPO_ROOT, cli_env
-from dm_assets_tests.regression.test_path_metrics import write_small_fit
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, write_small_fit
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dm_assets_tests.conftest import REPO_ROOT, cli_env
+from dm_assets_tests.helpers import REPO_ROOT, cli_env
 
 WEBSERVER = REPO_ROOT / ".venv" / "bin" / "dagster-webserver"
 START_TIMEOUT = 90.0

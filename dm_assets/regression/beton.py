@@ -49,9 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dm_assets.errors import DmError
 from dm_assets.regression.data import Batch
-from dm_assets.spec import COMPLETED_KEY
-from dm_assets.store import Store, StoreError, fsync_path
+from dm_assets.store.spec import COMPLETED_KEY
+from dm_assets.store.store import Store, StoreError, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ _WRITE_HINT = (
 )
 
 
-class BetonError(ValueError):
+class BetonError(DmError, ValueError):
     """A dataset cannot be written or read as asked; the message says what and how to fix it."""
 
 

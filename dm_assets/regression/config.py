@@ -14,15 +14,15 @@ from typing import Any
 
 import yaml
 
+from dm_assets.errors import DmError
 
-class ConfigError(ValueError):
+
+class ConfigError(DmError, ValueError):
     """A configuration that cannot be used; ``problems`` lists each problem with its fix."""
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid regression config{where}:\n{lines}")
+    def headline(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        return f"invalid regression config{where}"
 
 
 def _bool(value: object) -> bool:

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 import yaml
 
+from dm_assets.errors import DmError
 from dm_assets.regression.compute_datamodels import OUTPUT_FILES
 
 # config keys that legitimately differ between slices of one regression
@@ -60,13 +61,11 @@ _MEANS = ("mean_lambda_over_max", "mean_nonzeros", "mean_val_r2", "mean_val_mse"
 _STATS_RTOL = 1e-6
 
 
-class MergeError(ValueError):
+class MergeError(DmError, ValueError):
     """Slice fits that cannot be merged; the message lists every problem with its fix."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"cannot merge the slice fits:\n{lines}")
+    def headline(self) -> str:
+        return "cannot merge the slice fits"
 
 
 @dataclass(frozen=True)

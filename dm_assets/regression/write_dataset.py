@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dm_assets.cli import EXIT_FAILED, add_flag, configure_logging, make_parser, run
 from dm_assets.regression.beton import SEED_BETON_NAME, BetonError, write_beton
-from dm_assets.spec import COMPLETED_KEY
+from dm_assets.store.spec import COMPLETED_KEY
 
 
 def _non_negative_int(text: str) -> int:

@@ -45,10 +45,10 @@ from dm_assets.examples.cifar10.train import (
     pick_device,
     train_model,
 )
-from dm_assets.experiment import load_experiment
-from dm_assets.spec import Spec
-from dm_assets.store import Store
-from dm_assets_tests.conftest import REPO_ROOT, cli_env, run_module
+from dm_assets.pipeline.experiment import load_experiment
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, run_module
 
 N_TRAIN, N_TEST = 64, 32
 EXAMPLE = REPO_ROOT / "dm_assets" / "examples" / "cifar10"

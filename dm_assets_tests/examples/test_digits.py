@@ -31,9 +31,9 @@ from dm_assets.examples.digits.train_digits import (
     train_classifier,
     train_model,
 )
-from dm_assets.experiment import load_experiment
-from dm_assets.spec import Spec
-from dm_assets_tests.conftest import REPO_ROOT
+from dm_assets.pipeline.experiment import load_experiment
+from dm_assets.store.spec import Spec
+from dm_assets_tests.helpers import REPO_ROOT
 
 EXPERIMENT = REPO_ROOT / "dm_assets" / "experiments" / "digits.yaml"
 SPEC_FILE = REPO_ROOT / "dm_assets" / "examples" / "digits" / "spec.json"

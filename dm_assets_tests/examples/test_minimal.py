@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dm_assets.store import Store
-from dm_assets_tests.conftest import REPO_ROOT, cli_env, run_module
+from dm_assets.store.store import Store
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, run_module
 
 SPEC = REPO_ROOT / "dm_assets" / "examples" / "minimal" / "spec.json"
 SCRIPT = "dm_assets.examples.minimal.train_minimal"

@@ -23,8 +23,8 @@ from dm_assets.regression.beton import (
     write_beton,
 )
 from dm_assets.regression.data import Batch, RowSource
-from dm_assets.spec import Spec
-from dm_assets.store import Store
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
 
 CPU = torch.device("cpu")
 NUM_MODELS = 45

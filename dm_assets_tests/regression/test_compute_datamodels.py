@@ -19,7 +19,7 @@ from dm_assets.regression.compute_datamodels import (
 )
 from dm_assets.regression.config import ConfigError, load_config, parse_overrides
 from dm_assets.regression.data import ArraySource
-from dm_assets_tests.regression.conftest import planted_problem
+from dm_assets_tests.helpers import planted_problem
 
 SEED_CONFIG = """
 data:

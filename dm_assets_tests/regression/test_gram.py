@@ -22,7 +22,7 @@ from dm_assets.regression.gram import (
     solve_fixed_lambda,
 )
 from dm_assets.regression.stats import accumulate_stats
-from dm_assets_tests.regression.conftest import planted_problem, standardize
+from dm_assets_tests.helpers import planted_problem, standardize
 
 ENGINES = ["cd", "fista"]
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from dm_assets.regression.compute_datamodels import OUTPUT_FILES, compute_datamo
 from dm_assets.regression.config import load_config
 from dm_assets.regression.data import ArraySource
 from dm_assets.regression.merge import MergeError, merge_fits, target_slices
-from dm_assets_tests.regression.conftest import Problem, planted_problem
+from dm_assets_tests.helpers import Problem, planted_problem
 
 
 def fit_targets(prob: Problem, out_dir: Path, start: int, end: int, *, num_train: int = 700):

@@ -9,33 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
-from dm_assets.regression.config import load_config
-from dm_assets.regression.data import ArraySource
 from dm_assets.regression.path_metrics import STEP_METRIC_COLUMNS, plot_path, step_metrics
-from dm_assets_tests.regression.conftest import planted_problem
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def write_small_fit(out_dir: Path, *, n_targets: int = 4, k: int = 8, seed: int = 21) -> Path:
-    """A real fit (gram solver on CPU, ~0.1 s) of a planted problem, written by write_outputs."""
-    prob = planted_problem(n=900, p=24, t=n_targets, seed=seed)
-    config = load_config(
-        None,
-        {
-            "data": {"data_path": "unused", "num_train": 600, "num_val": 150},
-            "cfg": {
-                "k": k,
-                "batch_size": 150,
-                "out_dir": str(out_dir),
-                "device": "cpu",
-                "solver": "gram",
-            },
-        },
-    )
-    fit = compute_datamodels(config, source=ArraySource(prob.x, prob.y))
-    return write_outputs(fit, out_dir, config)
+from dm_assets_tests.helpers import PNG_SIGNATURE, write_small_fit
 
 
 def hand_table() -> pd.DataFrame:

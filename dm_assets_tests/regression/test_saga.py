@@ -30,7 +30,7 @@ from dm_assets.regression.saga import (
     saga_fixed_lambda,
 )
 from dm_assets.regression.stats import accumulate_stats
-from dm_assets_tests.regression.conftest import Problem, planted_problem, standardize
+from dm_assets_tests.helpers import Problem, planted_problem, standardize
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from dm_assets.examples.synthetic import train_synthetic as planted
-from dm_assets.spec import Spec
-from dm_assets_tests.conftest import REPO_ROOT, run_module
+from dm_assets.store.spec import Spec
+from dm_assets_tests.helpers import REPO_ROOT, run_module
 
 EXAMPLE = REPO_ROOT / "dm_assets" / "examples" / "synthetic"
 SEED_STYLE_CONFIG = """

@@ -9,9 +9,9 @@ import pytest
 
 from dm_assets.regression.beton import SEED_BETON_NAME, beton_info
 from dm_assets.regression.write_dataset import main
-from dm_assets.spec import Spec
-from dm_assets.store import Store
-from dm_assets_tests.conftest import run_module
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
+from dm_assets_tests.helpers import run_module
 
 MODULE = "dm_assets.regression.write_dataset"
 COMPLETED = [0, 2, 3, 7, 8]

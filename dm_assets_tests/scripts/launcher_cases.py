@@ -1,5 +1,5 @@
-"""A training script for the launcher tests (``dm_assets.training``): it fails, crashes or sleeps
-for chosen indices, and records which process and device slot trained each model.
+"""A training script for the launcher tests (``dm_assets.training.local``): it fails, crashes or
+sleeps for chosen indices, and records which process and device slot trained each model.
 
 Spec: ``value`` float64 (``index * 1.5``) and ``pid`` int64 (the worker process). Each model's
 ``logdir`` also gets ``env.json``: the device variables its worker ran with. Arguments:

@@ -44,7 +44,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dm_assets.cli import EXIT_FAILED, configure_logging, make_parser
-from dm_assets.store import fsync_path
+from dm_assets.errors import DmError
+from dm_assets.store.store import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +81,11 @@ _PAGE_SIZE = 1 << 21
 _WRITE_CHUNK_ROWS = 500
 
 
-class CifarError(ValueError):
+class CifarError(DmError, ValueError):
     """CIFAR-10 files that cannot be converted; ``problems`` lists every one with its fix."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"cannot convert CIFAR-10 ({len(self.problems)} problem(s)):\n{lines}")
+    def headline(self) -> str:
+        return f"cannot convert CIFAR-10 ({len(self.problems)} problem(s))"
 
 
 @dataclass(frozen=True)

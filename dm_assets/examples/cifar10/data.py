@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dm_assets.errors import DmError
 from dm_assets.examples.cifar10.convert import IMAGE_FIELD, IMAGE_SHAPE, LABEL_FIELD
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _MAX_CACHED = 4
 _CACHE: OrderedDict[tuple[object, ...], ImageBeton] = OrderedDict()
 
 
-class DatasetError(ValueError):
+class DatasetError(DmError, ValueError):
     """An image dataset that is missing or not one :mod:`convert` writes; says how to fix it."""
 
 

@@ -45,6 +45,7 @@ from fastargs import Param, Section, get_current_config
 from fastargs.validation import Checker, OneOf
 
 from dm_assets.cli import parse_bool
+from dm_assets.errors import DmError
 from dm_assets.examples.cifar10.convert import TRAIN_BETON, VAL_BETON
 from dm_assets.examples.cifar10.train import TrainingSettings, train_model
 from dm_assets.home import dm_home
@@ -109,7 +110,7 @@ Section("mask", "Which training rows each model trains on").params(
 )
 
 
-class ArgumentsError(ValueError):
+class ArgumentsError(DmError, ValueError):
     """The script's arguments are missing or invalid; lists every one."""
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dm_assets.cli import make_parser
-from dm_assets.store import Store
+from dm_assets.store.store import Store
 
 
 def check(logdir: str, multiple: int) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dm_assets.examples.synthetic.train_synthetic import planted_weights
-from dm_assets.store import Store
+from dm_assets.store.store import Store
 
 HELD_OUT_START = 1200
 

@@ -1,0 +1,538 @@
+"""Experiments: one YAML file says what to train, how to partition it, and how to fit it.
+
+An experiment file holds::
+
+    name: minimal                       # letters, digits, _; asset keys are prefixed with it
+    description: ...                    # optional, shown in the Dagster UI
+    spec: ../examples/minimal/spec.json # the seed's spec: a path (relative to this file) or inline
+    trainer:
+      main_import: my_package.train     # module with main(index, logdir) -> {key: value}
+      args: [--trainer.lr=0.1]          # pass-through arguments the script reads (list or mapping)
+      job_timeout: 600                  # seconds per model (default: none)
+      retries: 1                        # extra rounds for models that failed
+      commit_every: 1.0                 # seconds a trained row may wait to be stored with others
+    models_per_partition: 50            # consecutive model indices per partition (1: per model)
+    max_partitions_per_run: 20          # a backfill groups this many partitions into one run
+    devices:
+      gpus: auto                        # auto (every visible GPU), none, a count, or a list
+      cpu_workers: 1                    # worker processes per run where there is no GPU
+      max_workers: null                 # at most this many worker processes per run
+      threads_per_worker: null          # OMP/MKL threads of each worker (default: untouched)
+    regression:                         # optional: without it the graph stops at model_outputs
+      x_name: masks                     # the store keys holding the masks and the outputs
+      y_name: margins
+      data: {num_train: 200, num_val: 50}   # the seed's compute_datamodels sections;
+      cfg: {k: 20, batch_size: 100}         # data.data_path and cfg.out_dir are filled in
+      early_stopping: {}
+      targets_per_slice: null           # fit slices of this many targets in parallel (one
+                                        # partition of <name>/datamodel_slices each), merged
+    evaluation:                         # optional (needs regression): <name>/datamodel_eval
+      curve_sizes: [500, 1000, 2000]    # LDS against models used: refits on these prefixes
+      min_lds: 0.5                      # floor on the held-out LDS (an asset check)
+    checks:
+      min_completed_fraction: 1.0       # store completeness the training must reach
+      min_mean_val_r2: 0.0              # floor on the datamodels' mean validation R^2
+
+Shipped experiments are the ``*.yaml`` files in ``dm_assets/experiments/``; users add theirs with
+``DM_EXPERIMENTS``, a list of files or folders separated by ``os.pathsep`` (``:``). Data goes to
+``$DM_HOME/<name>/`` (see :class:`ExperimentPaths`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dm_assets.errors import DmError
+from dm_assets.home import dm_home
+from dm_assets.regression.config import ConfigError, RegressionConfig, load_config
+from dm_assets.store.spec import Spec, SpecError
+
+if TYPE_CHECKING:
+    from dm_assets.regression.merge import TargetSlice
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "experiments"
+ENV_VAR = "DM_EXPERIMENTS"
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# filled in by the pipeline: the dataset it wrote, and a fresh output folder per fit
+_PLACEHOLDER_PATH = "<filled in by the pipeline>"
+
+
+class ExperimentError(DmError, ValueError):
+    """An experiment file that cannot be used; the message names the file and every field."""
+
+    def __init__(self, source: str | Path, problems: Sequence[str]) -> None:
+        super().__init__(problems, source)
+
+    def headline(self) -> str:
+        return f"experiment file {self.source}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainerSettings(_Strict):
+    main_import: str = Field(description="module whose main(index, logdir) trains one model")
+    args: list[str] | dict[str, Any] = Field(
+        default_factory=list,
+        description="pass-through arguments for the script: a list (--trainer.lr=0.1) or a "
+        "mapping {trainer.lr: 0.1}",
+    )
+    job_timeout: float | None = Field(default=None, gt=0, description="seconds per model")
+    retries: int = Field(default=1, ge=0, description="extra rounds for models that failed")
+    commit_every: float = Field(
+        default=1.0, ge=0, description="seconds a trained row may wait to be stored with others"
+    )
+
+    @field_validator("main_import")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", value):
+            raise ValueError(f"{value!r} is not a module path like my_package.train")
+        return value
+
+    def script_args(self) -> list[str]:
+        """The pass-through arguments as command-line words."""
+        if isinstance(self.args, list):
+            return [str(a) for a in self.args]
+        out = []
+        for key, value in self.args.items():
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            text = text.removesuffix("\n...").strip()
+            out.append(f"--{key}={text}")
+        return out
+
+
+class DeviceSettings(_Strict):
+    gpus: str | int | list[int] = Field(
+        default="auto", description="auto, none, a number of GPUs, or a list of GPU ordinals"
+    )
+    cpu_workers: int = Field(default=1, ge=1, description="worker processes where no GPU is used")
+    max_workers: int | None = Field(default=None, ge=1, description="worker processes per run")
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="OMP/MKL threads per worker process"
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str | int | list[int]) -> str | int | list[int]:
+        if isinstance(value, str) and value not in ("auto", "none"):
+            raise ValueError(f"{value!r}: use auto, none, a count, or a list of GPU ordinals")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value}: a GPU count is 0 or more")
+        return value
+
+
+class RegressionSettings(_Strict):
+    x_name: str = Field(default="masks", description="store key of the masks")
+    y_name: str = Field(default="margins", description="store key of the outputs to predict")
+    data: dict[str, Any] = Field(default_factory=dict)
+    cfg: dict[str, Any] = Field(default_factory=dict)
+    early_stopping: dict[str, Any] = Field(default_factory=dict)
+    targets_per_slice: int | None = Field(
+        default=None,
+        ge=1,
+        description="fit the targets in slices of this many, each slice a partition of "
+        "<name>/datamodel_slices on its own device, merged into <name>/datamodels (default: "
+        "one fit of every target)",
+    )
+
+    def config(self, *, data_path: str | Path, out_dir: str | Path) -> RegressionConfig:
+        """The seed's compute_datamodels config with the pipeline's paths filled in."""
+        sections = {
+            "data": {**self.data, "data_path": str(data_path)},
+            "cfg": {**self.cfg, "out_dir": str(out_dir)},
+            "early_stopping": dict(self.early_stopping),
+        }
+        return load_config(None, sections)
+
+
+class EvaluationSettings(_Strict):
+    curve_sizes: list[int] = Field(
+        default_factory=list,
+        description="numbers of training models to refit on for the LDS curve (each at most "
+        "data.num_train; empty: no curve)",
+    )
+    min_lds: float | None = Field(
+        default=None, ge=-1, le=1, description="floor on the held-out LDS (asset check)"
+    )
+
+    @field_validator("curve_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(n < 2 for n in value):
+            raise ValueError(f"{value}: every size must be at least 2 models")
+        if value != sorted(set(value)):
+            raise ValueError(f"{value}: list the sizes in increasing order, each once")
+        return value
+
+
+class LauncherSettings(_Strict):
+    """Where the training runs: ``local`` (worker processes on this machine's device slots) or
+    ``slurm`` (job arrays; the other fields override the ``slurm_trainer`` resource's
+    defaults for this experiment)."""
+
+    kind: Literal["local", "slurm"] = Field(default="local", description="local or slurm")
+    indices_per_task: int | None = Field(default=None, ge=1, description="models per array task")
+    partition: str | None = Field(default=None, description="sbatch --partition")
+    account: str | None = Field(default=None, description="sbatch --account")
+    time_limit: str | None = Field(default=None, description="sbatch --time per task")
+    cpus_per_task: int | None = Field(default=None, ge=1, description="sbatch --cpus-per-task")
+    gpus_per_task: int | None = Field(default=None, ge=1, description="sbatch --gpus-per-task")
+    mem: str | None = Field(default=None, description="sbatch --mem per task, e.g. 8G")
+    max_concurrent: int | None = Field(default=None, ge=1, description="array tasks at once")
+    extra_sbatch_args: list[str] | None = Field(default=None, description="verbatim sbatch args")
+    poll_seconds: float | None = Field(default=None, gt=0, description="seconds between polls")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields this experiment sets, by the ``SlurmTrainer`` resource's field names."""
+        return {k: v for k, v in self.model_dump().items() if k != "kind" and v is not None}
+
+
+class CheckSettings(_Strict):
+    min_completed_fraction: float = Field(
+        default=1.0, ge=0, le=1, description="fraction of the store's models that must be done"
+    )
+    min_mean_val_r2: float | None = Field(
+        default=0.0, description="floor on the mean validation R^2 of the datamodels"
+    )
+
+
+class _ExperimentFile(_Strict):
+    name: str
+    description: str = ""
+    spec: str | dict[str, Any]
+    trainer: TrainerSettings
+    models_per_partition: int = Field(default=1, ge=1)
+    max_partitions_per_run: int = Field(default=20, ge=1)
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
+    regression: RegressionSettings | None = None
+    evaluation: EvaluationSettings | None = None
+    launcher: LauncherSettings = Field(default_factory=LauncherSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: use letters, digits and _ (starting with a letter); it prefixes "
+                "asset keys and job names"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where an experiment's data lives: ``$DM_HOME/<name>/``.
+
+    ``store/`` the store (``<key>.npy``, ``_completed.npy``, ``spec.json``, ``workers/``);
+    ``data.beton`` the FFCV dataset of completed rows; ``fits/<id>/`` one folder per fit
+    (``datamodels.pt``, ``regularization_path.csv``, ``summary.json``, ``config.yaml``);
+    ``datamodels`` a link to the latest fit; ``launcher_logs/`` the worker processes' logs.
+    """
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def beton(self) -> Path:
+        return self.root / "data.beton"
+
+    @property
+    def fits(self) -> Path:
+        return self.root / "fits"
+
+    @property
+    def datamodels(self) -> Path:
+        return self.root / "datamodels"
+
+    @property
+    def launcher_logs(self) -> Path:
+        return self.root / "launcher_logs"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file."""
+
+    name: str
+    description: str
+    spec: Spec
+    trainer: TrainerSettings
+    models_per_partition: int
+    max_partitions_per_run: int
+    devices: DeviceSettings
+    regression: RegressionSettings | None
+    evaluation: EvaluationSettings | None
+    launcher: LauncherSettings
+    checks: CheckSettings
+    source: Path
+
+    def paths(self, home: str | Path | None = None) -> ExperimentPaths:
+        return ExperimentPaths(dm_home(home) / self.name)
+
+    @property
+    def num_models(self) -> int:
+        return self.spec.num_models
+
+    def partition_keys(self) -> list[str]:
+        """One key per block of ``models_per_partition`` consecutive indices, zero-padded so
+        they sort: ``"0000-0049"`` (``"0007"`` with blocks of one)."""
+        n, size = self.num_models, self.models_per_partition
+        width = len(str(n - 1))
+        keys = []
+        for first in range(0, n, size):
+            last = min(first + size, n) - 1
+            keys.append(
+                f"{first:0{width}d}" if size == 1 else f"{first:0{width}d}-{last:0{width}d}"
+            )
+        return keys
+
+    def target_slices(self) -> list[TargetSlice]:
+        """The regression's targets (``data.target_start_ind`` to ``data.target_end_ind``, -1:
+        the last of the spec's ``y_name`` outputs, a scalar output being one target) in slices
+        of ``regression.targets_per_slice``; empty when the regression is not sliced."""
+        reg = self.regression
+        if reg is None or reg.targets_per_slice is None:
+            return []
+        from dm_assets.regression.merge import target_slices
+
+        shape = self.spec.schema[reg.y_name].shape
+        data = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)["data"]
+        end = (shape[0] if shape else 1) if data["target_end_ind"] == -1 else data["target_end_ind"]
+        return target_slices(data["target_start_ind"], end, reg.targets_per_slice)
+
+    def slice_keys(self) -> list[str]:
+        """The keys of :meth:`target_slices`, in target order."""
+        return [s.key for s in self.target_slices()]
+
+    def jobs(self) -> dict[str, list[str]]:
+        """The experiment's Dagster jobs and the partition keys each runs over (empty: not
+        partitioned): ``<name>_train`` (store, training partitions); with a regression,
+        ``<name>_fit`` (dataset, datamodels, evaluation) or, when fitted by target slices,
+        ``<name>_dataset``, ``<name>_slices`` (one partition per slice) and ``<name>_fit``
+        (the merge and the evaluation); ``<name>_all`` (everything but the slices)."""
+        models = self.partition_keys()
+        jobs = {f"{self.name}_train": models}
+        if self.regression is not None:
+            slices = self.slice_keys()
+            if slices:
+                jobs[f"{self.name}_dataset"] = []
+                jobs[f"{self.name}_slices"] = slices
+            jobs[f"{self.name}_fit"] = []
+        jobs[f"{self.name}_all"] = models
+        return jobs
+
+    @staticmethod
+    def partition_indices(key: str) -> range:
+        """The model indices of a partition key (``"0050-0099"`` -> ``range(50, 100)``)."""
+        first, _, last = key.partition("-")
+        return range(int(first), int(last or first) + 1)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: Iterable[object]) -> str:
+    # a union's alternatives appear in the location as type tags (``list[str]``): drop them
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    messages: dict[str, list[str]] = {}
+    for error in exc.errors():
+        field = _field_path(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling and indentation)"
+        elif error["type"] == "missing":
+            message = "required field missing"
+        if message not in messages.setdefault(field, []):
+            messages[field].append(message)
+    # a union reports once per alternative: one line per field, alternatives joined
+    return [f"field {field}: {' or '.join(found)}" for field, found in messages.items()]
+
+
+def _resolve_spec(value: str | dict[str, Any], source: Path) -> Spec:
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = source.parent / path
+        return Spec.load(path)
+    return Spec.from_dict(value, source=f"{source} (field spec)")
+
+
+def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
+    problems = []
+    schema = spec.schema
+    for field, key in (("x_name", reg.x_name), ("y_name", reg.y_name)):
+        if key not in schema:
+            problems.append(
+                f"field regression.{field}: {key!r} is not a key of the spec; "
+                f"the keys are {sorted(schema)}"
+            )
+    if reg.x_name in schema and len(schema[reg.x_name].shape) != 1:
+        problems.append(
+            f"field regression.x_name: {reg.x_name!r} has shape {schema[reg.x_name].shape}; "
+            "masks must be one vector per model"
+        )
+    if reg.y_name in schema and len(schema[reg.y_name].shape) > 1:
+        problems.append(
+            f"field regression.y_name: {reg.y_name!r} has shape {schema[reg.y_name].shape}; "
+            "outputs must be a vector or a scalar per model"
+        )
+    try:
+        config = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
+    except ConfigError as exc:
+        problems.extend(f"field regression: {p}" for p in exc.problems)
+        return problems
+    d = config["data"]
+    if reg.targets_per_slice is not None and reg.y_name in schema:
+        shape = schema[reg.y_name].shape
+        n_targets = shape[0] if shape else 1
+        start, end = d["target_start_ind"], d["target_end_ind"]
+        if start >= n_targets or end > n_targets:
+            problems.append(
+                f"field regression.data: targets [{start}, {end}) are not within the "
+                f"{n_targets} target(s) of {reg.y_name!r} (shape {list(shape)}), which "
+                "regression.targets_per_slice cuts into slices: fix target_start_ind / "
+                "target_end_ind (-1: to the last target)"
+            )
+    if d["num_train"] + d["num_val"] > spec.num_models:
+        problems.append(
+            f"field regression.data: num_train + num_val = {d['num_train'] + d['num_val']} is "
+            f"more than the spec's num_models = {spec.num_models}"
+        )
+    return problems
+
+
+def _check_launcher(launcher: LauncherSettings) -> list[str]:
+    from dm_assets.training.slurm import SbatchOptions
+
+    fields = {
+        k: v
+        for k, v in launcher.overrides().items()
+        if k in ("partition", "account", "time_limit", "mem")
+    }
+    return [
+        f"field launcher.{p.removeprefix('sbatch.')}" for p in SbatchOptions(**fields).problems()
+    ]
+
+
+def _check_evaluation(
+    evaluation: EvaluationSettings, regression: RegressionSettings | None, spec: Spec
+) -> list[str]:
+    if regression is None:
+        return ["field evaluation: evaluating needs a regression section (datamodels to evaluate)"]
+    try:
+        config = regression.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
+    except ConfigError:
+        return []  # reported by _check_regression
+    seen = config["data"]["num_train"] + config["data"]["num_val"]
+    problems = []
+    if spec.num_models <= seen:
+        problems.append(
+            f"field evaluation: no held-out models: num_models = {spec.num_models} but "
+            f"num_train + num_val = {seen}; the models after them are the held-out ones"
+        )
+    too_big = [n for n in evaluation.curve_sizes if n > config["data"]["num_train"]]
+    if too_big:
+        problems.append(
+            f"field evaluation.curve_sizes: {too_big} exceed data.num_train = "
+            f"{config['data']['num_train']}"
+        )
+    return problems
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate one experiment file; :class:`ExperimentError` lists every problem."""
+    source = Path(path).expanduser().resolve()
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except OSError as exc:
+        raise ExperimentError(source, [f"cannot read it: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ExperimentError(source, [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, Mapping):
+        raise ExperimentError(source, ["the file must be a mapping (name:, spec:, trainer: ...)"])
+    try:
+        parsed = _ExperimentFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ExperimentError(source, _format_validation(exc)) from exc
+    try:
+        spec = _resolve_spec(parsed.spec, source)
+    except SpecError as exc:
+        raise ExperimentError(source, [f"field spec: {exc}"]) from exc
+    problems = []
+    if parsed.regression is not None:
+        problems.extend(_check_regression(parsed.regression, spec))
+    if parsed.evaluation is not None:
+        problems.extend(_check_evaluation(parsed.evaluation, parsed.regression, spec))
+    problems.extend(_check_launcher(parsed.launcher))
+    if problems:
+        raise ExperimentError(source, problems)
+    return Experiment(
+        name=parsed.name,
+        description=parsed.description,
+        spec=spec,
+        trainer=parsed.trainer,
+        models_per_partition=parsed.models_per_partition,
+        max_partitions_per_run=parsed.max_partitions_per_run,
+        devices=parsed.devices,
+        regression=parsed.regression,
+        evaluation=parsed.evaluation,
+        launcher=parsed.launcher,
+        checks=parsed.checks,
+        source=source,
+    )
+
+
+def experiment_files(extra: str | None = None) -> list[Path]:
+    """The shipped experiment files, then those named by ``extra`` (default: ``$DM_EXPERIMENTS``):
+    files, or folders whose ``*.yaml``/``*.yml`` files are taken in name order."""
+    files = sorted(SHIPPED_DIR.glob("*.yaml"))
+    listed = os.environ.get(ENV_VAR, "") if extra is None else extra
+    for entry in filter(None, (e.strip() for e in listed.split(os.pathsep))):
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ExperimentError(
+                path,
+                [f"named in ${ENV_VAR} but no such file or folder; fix or remove the entry"],
+            )
+    return files
+
+
+def load_experiments(extra: str | None = None) -> list[Experiment]:
+    """Every experiment (see :func:`experiment_files`); names must be unique."""
+    experiments: list[Experiment] = []
+    seen: dict[str, Path] = {}
+    for file in experiment_files(extra):
+        experiment = load_experiment(file)
+        if experiment.name in seen:
+            raise ExperimentError(
+                file,
+                [
+                    f"field name: {experiment.name!r} is already the name of the experiment in "
+                    f"{seen[experiment.name]}; experiment names must be unique"
+                ],
+            )
+        seen[experiment.name] = experiment.source
+        experiments.append(experiment)
+    return experiments

@@ -1,0 +1,563 @@
+"""Train models and store their outputs: the seed's ``worker`` command, plus many indices per
+process.
+
+    python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
+        [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [--worker.kill_grace=SECONDS]
+        [--worker.commit_every=SECONDS] [--worker.report=PATH] [SCRIPT ARGUMENTS ...]
+    python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
+
+For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
+returned ``{key: value}`` against the store's spec, and writes the row (see
+:mod:`dm_assets.store.store` for the write protocol). Every argument that is not a ``--worker.*``
+option reaches the script untouched: it is left in ``sys.argv``, and when the script declares
+fastargs sections they are filled from it as the seed's worker does.
+
+Exit status: 0 when every index was trained or skipped as already completed; 1 when any index
+failed (an exception, or values that do not fit the spec); 124 when every failure was a
+timeout; 2 for a usage error. A failed index is never marked completed.
+
+With ``--worker.report=PATH`` the worker also writes what happened as JSON, replacing ``PATH``
+atomically (a temporary file renamed), once, when it ends; only a process that dies (SIGKILL, a
+crash, the hard timeout kill) leaves none::
+
+    {"outcomes": [{"index": 3, "status": "trained", "seconds": 0.41, "message": ""}, ...],
+     "exit_code": 1,
+     "error": "StoreError: ..."}      # only when the worker itself failed, not an index
+
+``outcomes`` lists the indices that ran, in order (``status``: trained, skipped, failed or
+timeout; ``seconds``: wall time of ``main`` for that index); ``exit_code`` is the process's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+import numpy as np
+
+from dm_assets.cli import EXIT_FAILED, EXIT_USAGE, add_flag, configure_logging, make_parser, run
+from dm_assets.errors import DmError
+from dm_assets.store.rows import RowError, coerce_row
+from dm_assets.store.store import Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+EXIT_TIMEOUT = 124
+# After a timeout the script gets this long to unwind before the process is ended outright
+# (a script blocked inside C code never sees the timeout exception).
+HARD_KILL_GRACE_SECONDS = 30.0
+
+Routine = Callable[..., Mapping[str, object]]
+Status = Literal["trained", "skipped", "failed", "timeout"]
+
+
+class JobTimeout(BaseException):
+    """Raised inside the training script when its index exceeds the job timeout."""
+
+
+@dataclass(frozen=True)
+class IndexOutcome:
+    """What happened to one model index."""
+
+    index: int
+    status: Status
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class WorkerReport:
+    """Outcomes of a run over many indices, in the order they ran."""
+
+    outcomes: list[IndexOutcome] = field(default_factory=list)
+
+    def _with(self, *statuses: Status) -> list[int]:
+        return [o.index for o in self.outcomes if o.status in statuses]
+
+    @property
+    def trained(self) -> list[int]:
+        return self._with("trained")
+
+    @property
+    def skipped(self) -> list[int]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices that failed for any reason, timeouts included."""
+        return self._with("failed", "timeout")
+
+    @property
+    def exit_code(self) -> int:
+        failures = [o for o in self.outcomes if o.status in ("failed", "timeout")]
+        if not failures:
+            return 0
+        if all(o.status == "timeout" for o in failures):
+            return EXIT_TIMEOUT
+        return EXIT_FAILED
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.trained)} trained",
+            f"{len(self.skipped)} skipped (completed)",
+            f"{len(self.failed)} failed",
+        ]
+        text = ", ".join(parts)
+        if self.failed:
+            text += f": indices {self.failed}"
+        return text
+
+
+def parse_indices(text: str) -> list[int]:
+    """``"0-9,12,20-22"`` (inclusive ranges, as SLURM's --array) as a list of indices.
+
+    Order is kept and repeats are dropped. Raises ``ValueError`` naming the bad part.
+    """
+    indices: list[int] = []
+    seen: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*", part)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ValueError(f"bad index list part {part!r} in {text!r}: use e.g. 0-99,120,130-139")
+        first = int(match[1])
+        last = first if match[2] is None else int(match[2])
+        span = range(first, last + 1)
+        for i in span:
+            if i not in seen:
+                seen.add(i)
+                indices.append(i)
+    return indices
+
+
+def load_routine(main_import: str) -> Routine:
+    """``MODULE.main`` for ``main_import``; the current directory is importable, as in the seed."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(main_import)
+    routine = getattr(module, "main", None)
+    if not callable(routine):
+        raise StoreError(
+            f"module {main_import!r} has no callable main(index, logdir); define one that "
+            "returns {key: value} for the spec's keys"
+        )
+    return routine
+
+
+class ScriptArgumentsError(DmError, ValueError):
+    """The script's own (fastargs) arguments are missing or invalid."""
+
+
+def collect_fastargs_arguments() -> None:
+    """Fill the script's fastargs sections from ``sys.argv``, as the seed's worker does.
+
+    Raises :class:`ScriptArgumentsError` naming every missing or invalid parameter (fastargs'
+    own ``validate(mode="stderr")`` would exit 0, making a failed job look successful).
+    """
+    if "fastargs" not in sys.modules:
+        return
+    from argparse import ArgumentParser
+
+    from fastargs import get_current_config
+
+    config = get_current_config()
+    parser = ArgumentParser(allow_abbrev=False)
+    config.augment_argparse(parser)
+    args, _ = parser.parse_known_args()
+    for fname in getattr(args, "config_file", None) or []:
+        config.collect_config_file(fname)
+    config.collect(vars(args))
+    config.collect_env_variables()
+    errors = config.validate(mode="errordict") or {}
+    if errors:
+        lines = [
+            f"--{'.'.join(path)}: {type(err).__name__} {err}".rstrip()
+            for path, err in errors.items()
+        ]
+        raise ScriptArgumentsError(
+            "the training script's arguments are missing or invalid; pass them after the "
+            "--worker.* options:\n" + "\n".join(f"  - {line}" for line in lines)
+        )
+
+
+class _Deadline:
+    """SIGALRM-based timeout for one call, with a watchdog that ends the process if ignored."""
+
+    def __init__(self, seconds: float | None, index: int, grace: float) -> None:
+        self.seconds, self.index, self.grace = seconds, index, grace
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None
+        self._watchdog: threading.Timer | None = None
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        raise JobTimeout(f"model index {self.index} exceeded the job timeout of {self.seconds} s")
+
+    def _hard_exit(self) -> None:
+        sys.stderr.write(
+            f"worker: model index {self.index} ignored its timeout of {self.seconds} s for "
+            f"{self.grace} s more; ending the process (exit {EXIT_TIMEOUT}), index incomplete\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_TIMEOUT)
+
+    def __enter__(self) -> _Deadline:
+        if self.seconds is None:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("job_timeout needs the main thread (it uses SIGALRM)")
+        self._previous = signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self._watchdog = threading.Timer(self.seconds + self.grace, self._hard_exit)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds is None:
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+
+def _train(
+    store: Store,
+    routine: Routine,
+    index: int,
+    *,
+    do_if_complete: bool,
+    job_timeout: float | None,
+    hard_kill_grace: float,
+) -> tuple[IndexOutcome, dict[str, np.ndarray] | None]:
+    """Run ``routine`` for ``index`` and check its values; the row to store, or why not."""
+    start = time.perf_counter()
+
+    def outcome(status: Status, message: str = "") -> IndexOutcome:
+        return IndexOutcome(index, status, time.perf_counter() - start, message)
+
+    if not do_if_complete and store.is_completed(index):
+        logger.info(
+            "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
+        )
+        return outcome("skipped", "already completed"), None
+    logdir = store.worker_dir(index)
+    try:
+        with _Deadline(job_timeout, index, hard_kill_grace):
+            values = routine(index=index, logdir=str(logdir))
+    except JobTimeout as exc:
+        logger.error("index %d: %s; not stored", index, exc)
+        return outcome("timeout", str(exc)), None
+    except Exception as exc:  # the script's failure is this index's failure, not the worker's
+        logger.exception("index %d: main() raised %s; not stored", index, type(exc).__name__)
+        return outcome("failed", f"main() raised {type(exc).__name__}: {exc}"), None
+    except SystemExit as exc:  # e.g. fastargs' validate(mode="stderr") exits 0 on bad arguments
+        logger.error(
+            "index %d: main() called sys.exit(%r) instead of returning; not stored", index, exc.code
+        )
+        return outcome("failed", f"main() called sys.exit({exc.code!r})"), None
+    try:
+        row = coerce_row(values, store.spec.schema, index=index)
+    except RowError as exc:
+        logger.error("index %d: %s", index, exc)
+        return outcome("failed", str(exc)), None
+    return outcome("trained"), row
+
+
+class _GroupCommit:
+    """Rows trained but not yet stored, committed together (one fsync per file per group)
+    once the oldest has waited ``every`` seconds or they hold ``max_bytes``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        every: float,
+        overwrite: bool,
+        command: str | None,
+        max_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.store, self.every, self.overwrite, self.command = store, every, overwrite, command
+        self.max_bytes = max_bytes
+        self.rows: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.nbytes = 0
+        self.since = 0.0
+
+    def add(self, index: int, row: dict[str, np.ndarray]) -> None:
+        if not self.rows:
+            self.since = time.perf_counter()
+        self.rows.append((index, row))
+        self.nbytes += sum(a.nbytes for a in row.values())
+        if time.perf_counter() - self.since >= self.every or self.nbytes >= self.max_bytes:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.rows:
+            return
+        self.store.write_rows(self.rows, overwrite=self.overwrite)
+        if self.command is not None:
+            for _ in self.rows:
+                self.store.log_command(self.command)
+        logger.info("stored index(es) %s", ",".join(str(i) for i, _ in self.rows))
+        self.rows, self.nbytes = [], 0
+
+
+def train_index(
+    store: Store,
+    routine: Routine,
+    index: int,
+    *,
+    do_if_complete: bool = False,
+    job_timeout: float | None = None,
+    hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
+    command: str | None = None,
+) -> IndexOutcome:
+    """Train model ``index`` with ``routine`` and store its row; never raises for its failures
+    (an index that fails is reported in the outcome and left incomplete)."""
+    return run_indices(
+        store,
+        routine,
+        [index],
+        do_if_complete=do_if_complete,
+        job_timeout=job_timeout,
+        hard_kill_grace=hard_kill_grace,
+        command=command,
+    ).outcomes[0]
+
+
+def run_indices(
+    store: Store,
+    routine: Routine,
+    indices: Iterable[int],
+    *,
+    do_if_complete: bool = False,
+    job_timeout: float | None = None,
+    hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
+    command: str | None = None,
+    commit_every: float = 0.0,
+    report: WorkerReport | None = None,
+) -> WorkerReport:
+    """Train every index in turn in this process; a failed index does not stop the others.
+
+    Trained rows are stored in groups: a group is committed once its oldest row has waited
+    ``commit_every`` seconds (0: every row at once), and always before returning. A crash
+    loses at most the uncommitted group, whose indices stay incomplete.
+
+    Outcomes are appended to ``report`` when given (so a caller still holds those of the
+    indices that ran when something raises) and it is returned; else to a new report.
+    """
+    report = WorkerReport() if report is None else report
+    group = _GroupCommit(store, every=commit_every, overwrite=do_if_complete, command=command)
+    try:
+        for index in indices:
+            outcome, row = _train(
+                store,
+                routine,
+                index,
+                do_if_complete=do_if_complete,
+                job_timeout=job_timeout,
+                hard_kill_grace=hard_kill_grace,
+            )
+            report.outcomes.append(outcome)
+            if row is not None:
+                logger.info("index %d: trained in %.2f s", index, outcome.seconds)
+                group.add(index, row)
+    finally:
+        group.commit()
+    return report
+
+
+def write_report(
+    path: str | os.PathLike[str], report: WorkerReport, exit_code: int, error: str | None = None
+) -> None:
+    """Write ``report`` and the process's ``exit_code`` as JSON to ``path``, atomically: readers
+    see the previous file or the whole new one, never a part (not fsynced: it is for the
+    process that launched this one, not a record that must survive a power loss)."""
+    path = Path(path)
+    data: dict[str, object] = {
+        "outcomes": [asdict(o) for o in report.outcomes],
+        "exit_code": exit_code,
+    }
+    if error:
+        data["error"] = error
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_report(path: str | os.PathLike[str]) -> tuple[WorkerReport, int, str | None]:
+    """``(report, exit_code, error)`` from a file written by :func:`write_report`.
+
+    Raises ``ValueError`` naming the file when its content is not such a report.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        outcomes = [
+            IndexOutcome(int(o["index"]), o["status"], float(o["seconds"]), str(o["message"]))
+            for o in data["outcomes"]
+        ]
+        return WorkerReport(outcomes), int(data["exit_code"]), data.get("error")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a worker report ({type(exc).__name__}: {exc})") from exc
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(
+        "python -m dm_assets.worker",
+        "Train models with a script's main(index, logdir) and store their outputs. "
+        "Arguments other than --worker.* are passed to the script.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--worker.index", dest="index", type=int, help="model index to train")
+    which.add_argument(
+        "--worker.indices",
+        dest="indices",
+        help="indices to train in this one process, e.g. 0-99,120,130-139",
+    )
+    parser.add_argument(
+        "--worker.main_import",
+        dest="main_import",
+        required=True,
+        help="module whose main(index=, logdir=) trains one model",
+    )
+    parser.add_argument("--worker.logdir", dest="logdir", required=True, help="store directory")
+    add_flag(parser, "--worker.do_if_complete", "train and overwrite even completed indices")
+    parser.add_argument(
+        "--worker.job_timeout",
+        dest="job_timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds allowed per index (default: no limit)",
+    )
+    parser.add_argument(
+        "--worker.commit_every",
+        dest="commit_every",
+        type=float,
+        default=1.0,
+        help="seconds a trained row may wait to be stored with the next ones (one fsync per "
+        "file per group; default 1.0; 0: store each row at once)",
+    )
+    parser.add_argument(
+        "--worker.kill_grace",
+        dest="kill_grace",
+        type=_positive_float,
+        default=HARD_KILL_GRACE_SECONDS,
+        help="seconds a timed-out script gets to unwind before the process is "
+        f"ended with exit {EXIT_TIMEOUT} (default {HARD_KILL_GRACE_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--worker.report",
+        dest="report",
+        default=None,
+        help="write the outcomes and exit status as JSON to this file when the worker ends "
+        "(replaced atomically; see the module's documentation)",
+    )
+    args, passthrough = parser.parse_known_args(argv)
+    ours = [a for a in passthrough if a.startswith("--worker.")]
+    if ours:
+        parser.error(f"unknown worker option(s) {ours}; see --help")
+    try:
+        indices = [args.index] if args.index is not None else parse_indices(args.indices)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging()
+    report = WorkerReport()
+    error: str | None = None
+    try:
+        code = _run_worker(parser, args, indices, passthrough, argv, report)
+    except ScriptArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code, error = EXIT_USAGE, str(exc)
+    except SystemExit as exc:  # parser.error once the store is open: a bad index
+        if args.report is not None:
+            code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+            write_report(args.report, report, code, error="usage error; see the worker's log")
+        raise
+    except Exception as exc:  # reported, then left to run() (a message) or Python (a traceback)
+        if args.report is not None:
+            write_report(args.report, report, EXIT_FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    if args.report is not None:
+        write_report(args.report, report, code, error=error)
+    return code
+
+
+def _run_worker(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    indices: list[int],
+    passthrough: list[str],
+    argv: list[str],
+    report: WorkerReport,
+) -> int:
+    """Open the store, import the script and train ``indices``; outcomes go into ``report``.
+
+    Raises :class:`ScriptArgumentsError` when the script's own arguments are invalid.
+    """
+    store = Store.open(args.logdir)
+    bad = [i for i in indices if not 0 <= i < store.spec.num_models]
+    if bad:
+        parser.error(
+            f"indices {bad[:10]} are outside the store's range [0, {store.spec.num_models})"
+        )
+    command = " ".join(["python -m dm_assets.worker", *argv])
+    # The script sees its own arguments only, as if it had been run directly with them.
+    sys.argv = [args.main_import, *passthrough]
+    routine = load_routine(args.main_import)
+    collect_fastargs_arguments()
+    with store:
+        run_indices(
+            store,
+            routine,
+            indices,
+            do_if_complete=args.do_if_complete,
+            job_timeout=args.job_timeout,
+            hard_kill_grace=args.kill_grace,
+            command=command,
+            commit_every=args.commit_every,
+            report=report,
+        )
+    logger.info("worker done: %s", report.summary())
+    if report.exit_code and len(indices) > 1:
+        for o in report.outcomes:
+            if o.status in ("failed", "timeout"):
+                logger.error("index %d %s: %s", o.index, o.status, o.message.splitlines()[0])
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    run(main)
+
+__all__ = [
+    "EXIT_USAGE",
+    "IndexOutcome",
+    "WorkerReport",
+    "main",
+    "parse_indices",
+    "read_report",
+    "run_indices",
+    "train_index",
+    "write_report",
+]

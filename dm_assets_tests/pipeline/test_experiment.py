@@ -1,0 +1,242 @@
+"""Experiment files: loading, validation errors that name the file and the field, discovery."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dm_assets.pipeline.experiment import (
+    Experiment,
+    ExperimentError,
+    experiment_files,
+    load_experiment,
+    load_experiments,
+)
+from dm_assets_tests.helpers import REPO_ROOT, cli_env
+
+GOOD = """
+name: small
+spec:
+  num_models: 30
+  schema:
+    masks: {shape: [8], dtype: bool_}
+    margins: {shape: [3], dtype: float32}
+trainer:
+  main_import: dm_assets.examples.synthetic.train_synthetic
+  args: {trainer.lr: 0.5, trainer.name: abc}
+models_per_partition: 7
+regression:
+  data: {num_train: 20, num_val: 5}
+  cfg: {k: 5, batch_size: 10}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_experiments_load() -> None:
+    experiments = {e.name: e for e in load_experiments(extra="")}
+    assert {"minimal", "seed_minimal", "synthetic"} <= set(experiments)
+    minimal = experiments["minimal"]
+    assert minimal.num_models == 300
+    assert minimal.partition_keys() == [f"{i:03d}-{i + 49:03d}" for i in range(0, 300, 50)]
+    assert experiments["seed_minimal"].regression is None
+    assert experiments["seed_minimal"].trainer.script_args() == ["--trainer.multiple=2"]
+
+
+def test_partition_keys_cover_every_index_once_and_sort(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, GOOD))
+    keys = experiment.partition_keys()
+    assert keys == sorted(keys)
+    assert keys[-1] == "28-29"  # the last block is short
+    covered = [i for key in keys for i in Experiment.partition_indices(key)]
+    assert covered == list(range(30))
+
+
+def test_blocks_of_one_give_one_key_per_model(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, GOOD.replace("models_per_partition: 7", "")))
+    keys = experiment.partition_keys()
+    assert keys[:3] == ["00", "01", "02"] and len(keys) == 30
+    assert list(Experiment.partition_indices("07")) == [7]
+
+
+def test_mapping_args_become_command_line_words(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, GOOD))
+    assert experiment.trainer.script_args() == ["--trainer.lr=0.5", "--trainer.name=abc"]
+
+
+def test_regression_config_gets_the_pipeline_paths(tmp_path: Path) -> None:
+    experiment = load_experiment(write(tmp_path, GOOD))
+    assert experiment.regression is not None
+    config = experiment.regression.config(data_path="/d.beton", out_dir="/out")
+    assert config["data"]["data_path"] == "/d.beton"
+    assert config["cfg"]["out_dir"] == "/out"
+    assert config["cfg"]["k"] == 5
+
+
+def test_spec_path_is_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "s.json").write_text(
+        '{"num_models": 4, "schema": {"x": {"shape": [2], "dtype": "float32"}}}'
+    )
+    text = "name: rel\nspec: specs/s.json\ntrainer: {main_import: a.b}\n"
+    assert load_experiment(write(tmp_path, text)).num_models == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda t: t.replace(
+                "  main_import: dm_assets.examples.synthetic.train_synthetic\n", ""
+            ),
+            "field trainer.main_import: required field missing",
+        ),
+        (
+            lambda t: t.replace("models_per_partition: 7", "models_per_partiton: 7"),
+            "field models_per_partiton: unknown field",
+        ),
+        (
+            lambda t: t.replace("models_per_partition: 7", "models_per_partition: 0"),
+            "field models_per_partition",
+        ),
+        (lambda t: t.replace("name: small", "name: 2-bad"), "field name: '2-bad'"),
+        (
+            lambda t: t.replace("num_val: 5", "num_val: 50"),
+            "num_train + num_val = 70 is more than the spec's num_models = 30",
+        ),
+        (
+            lambda t: t.replace(
+                "cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10, kk: 1}"
+            ),
+            "unknown key cfg.kk",
+        ),
+        (
+            lambda t: t.replace("  data: {num_train", "  y_name: logits\n  data: {num_train"),
+            "field regression.y_name: 'logits' is not a key of the spec",
+        ),
+        (lambda t: t.replace("dtype: float32", "dtype: floaty"), "field spec:"),
+        (
+            lambda t: t.replace("main_import: dm_assets", "main_import: dm assets"),
+            "field trainer.main_import",
+        ),
+        (lambda t: t + "devices: {gpus: many}\n", "field devices.gpus"),
+    ],
+)
+def test_broken_files_name_the_file_and_the_field(tmp_path: Path, change, expected: str) -> None:
+    path = write(tmp_path, change(textwrap.dedent(GOOD)))
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert expected in message, message
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: 9x\nspec: {}\ntrainer: {}\nextra: 1\n")
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    problems = info.value.problems
+    assert any("field name" in p for p in problems)
+    assert any("trainer.main_import" in p for p in problems)
+    assert any("field extra" in p for p in problems)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ExperimentError, match="must be a mapping"):
+        load_experiment(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ExperimentError, match="cannot read"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_dm_experiments_adds_files_and_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "more"
+    folder.mkdir()
+    write(folder, GOOD.replace("name: small", "name: from_folder"), "a.yaml")
+    single = write(tmp_path, GOOD.replace("name: small", "name: single"), "single.yml")
+    listed = os.pathsep.join([str(folder), str(single)])
+    names = [e.name for e in load_experiments(extra=listed)]
+    assert names[-2:] == ["from_folder", "single"]
+    assert "minimal" in names
+
+
+def test_dm_experiments_missing_entry_and_duplicate_names(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="no such file or folder"):
+        experiment_files(str(tmp_path / "nope"))
+    clash = write(tmp_path, GOOD.replace("name: small", "name: minimal"))
+    with pytest.raises(ExperimentError, match="already the name of the experiment in"):
+        load_experiments(extra=str(clash))
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "expected"),
+    [
+        ("{curve_sizes: [10, 5]}", "increasing order"),
+        ("{curve_sizes: [5, 30]}", "[30] exceed data.num_train = 20"),
+        ("{min_lds: 2}", "field evaluation.min_lds"),
+        ("{curve_sizes: [1]}", "at least 2 models"),
+    ],
+)
+def test_evaluation_section_is_checked(tmp_path: Path, evaluation: str, expected: str) -> None:
+    path = write(tmp_path, textwrap.dedent(GOOD) + f"evaluation: {evaluation}\n")
+    with pytest.raises(ExperimentError, match=re.escape(expected)):
+        load_experiment(path)
+
+
+def test_evaluation_needs_held_out_models_and_a_regression(tmp_path: Path) -> None:
+    text = textwrap.dedent(GOOD).replace("num_train: 20, num_val: 5", "num_train: 20, num_val: 10")
+    with pytest.raises(ExperimentError, match="no held-out models"):
+        load_experiment(write(tmp_path, text + "evaluation: {min_lds: 0.5}\n"))
+    bare = "name: bare\nspec: {num_models: 3, schema: {x: {shape: [1], dtype: float32}}}\n"
+    bare += "trainer: {main_import: a.b}\nevaluation: {}\n"
+    with pytest.raises(ExperimentError, match="needs a regression section"):
+        load_experiment(write(tmp_path, bare, "bare.yaml"))
+    fine = load_experiment(write(tmp_path, textwrap.dedent(GOOD) + "evaluation: {}\n", "ok.yaml"))
+    assert fine.evaluation is not None and fine.evaluation.curve_sizes == []
+
+
+def test_a_broken_user_experiment_stops_the_definitions_loading(tmp_path: Path) -> None:
+    broken = write(tmp_path, GOOD.replace("models_per_partition: 7", "models_per_partition: -1"))
+    env = {**cli_env(), "DM_EXPERIMENTS": str(broken), "DM_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import dm_assets.pipeline.definitions"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"experiment file {broken}" in proc.stderr
+    assert "field models_per_partition" in proc.stderr
+
+
+def test_targets_per_slice_is_optional_and_checked(tmp_path: Path) -> None:
+    plain = load_experiment(write(tmp_path, GOOD)).regression
+    assert plain is not None and plain.targets_per_slice is None
+    sliced = GOOD.replace(
+        "cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10}\n  targets_per_slice: 2"
+    )
+    experiment = load_experiment(write(tmp_path, sliced))
+    assert experiment.regression is not None and experiment.regression.targets_per_slice == 2
+    with pytest.raises(ExperimentError, match=r"field regression\.targets_per_slice: "):
+        load_experiment(
+            write(tmp_path, sliced.replace("targets_per_slice: 2", "targets_per_slice: 0"))
+        )
+    beyond = sliced.replace(
+        "data: {num_train: 20, num_val: 5}",
+        "data: {num_train: 20, num_val: 5, target_start_ind: 1, target_end_ind: 5}",
+    )
+    with pytest.raises(ExperimentError, match=r"targets \[1, 5\) are not within the 3 target"):
+        load_experiment(write(tmp_path, beyond))

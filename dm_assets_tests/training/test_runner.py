@@ -1,0 +1,317 @@
+"""The worker command line: pass-through arguments, validation, skipping, timeouts, many indices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
+from dm_assets.training.runner import parse_indices
+from dm_assets_tests.helpers import run_module
+from dm_assets_tests.scripts import outputs
+
+SCRIPT = "dm_assets_tests.scripts.outputs"
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "store"
+    Store.initialize(path, Spec.from_dict(outputs.SPEC)).close()
+    return path
+
+
+def worker(store_dir: Path, *args: str, timeout: float = 120):
+    return run_module("dm_assets.worker", f"--worker.logdir={store_dir}", *args, timeout=timeout)
+
+
+def data_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob("*.npy"))}
+
+
+def assert_row(store_dir: Path, index: int, scale: float = 1.0) -> None:
+    with Store.open(store_dir) as store:
+        assert store.is_completed(index)
+        for key, value in outputs.expected(index, scale).items():
+            np.testing.assert_array_equal(store.read(key)[index], value)
+
+
+def test_single_index(store_dir: Path) -> None:
+    proc = worker(store_dir, "--worker.index=4", f"--worker.main_import={SCRIPT}")
+    assert proc.returncode == 0, proc.stderr
+    assert_row(store_dir, 4)
+    with Store.open(store_dir) as store:
+        assert store.completed_indices().tolist() == [4]
+    assert (store_dir / "workers" / "4" / "done.txt").read_text() == "ok"
+    assert "--worker.index=4" in (store_dir / "cmds.txt").read_text()
+
+
+def test_arguments_reach_the_script_untouched(store_dir: Path, tmp_path: Path) -> None:
+    argv_out = tmp_path / "argv.txt"
+    script_args = ["--script.scale", "2.5", f"--script.argv_out={argv_out}"]
+    proc = worker(
+        store_dir,
+        "--worker.index",
+        "3",
+        *script_args[:2],
+        f"--worker.main_import={SCRIPT}",
+        script_args[2],
+        "--worker.job_timeout=60",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert argv_out.read_text().split() == script_args
+    assert_row(store_dir, 3, scale=2.5)
+
+
+def test_seed_fastargs_script_gets_its_sections(tmp_path: Path) -> None:
+    store_dir = tmp_path / "seed"
+    Store.initialize(
+        store_dir,
+        Spec.from_dict(
+            {"num_models": 4, "schema": {"random_numbers": {"shape": [256], "dtype": "uint8"}}}
+        ),
+    ).close()
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        "--worker.main_import=dm_assets_tests.scripts.seed_style",
+        "--trainer.multiple=3",
+        "--trainer.offset",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = np.load(store_dir / "random_numbers.npy")
+    assert (rows == 5).all()
+
+
+def test_seed_script_missing_required_section_argument_fails(tmp_path: Path) -> None:
+    store_dir = tmp_path / "seed"
+    Store.initialize(
+        store_dir,
+        Spec.from_dict(
+            {"num_models": 2, "schema": {"random_numbers": {"shape": [256], "dtype": "uint8"}}}
+        ),
+    ).close()
+    proc = worker(
+        store_dir, "--worker.index=0", "--worker.main_import=dm_assets_tests.scripts.seed_style"
+    )
+    assert proc.returncode != 0
+    assert "trainer.multiple" in proc.stdout + proc.stderr
+    assert not Store.open(store_dir).is_completed(0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "needles"),
+    [
+        ("missing_key", ["missing key(s) ['flags']"]),
+        ("extra_key", ["unexpected key(s) ['surprise']"]),
+        ("completed_key", ["'_completed' is reserved"]),
+        (
+            "bad_shape",
+            [
+                "key 'values'",
+                "expected shape [4] dtype float32",
+                "received shape [1, 4] dtype float32",
+            ],
+        ),
+        ("float_into_bool", ["key 'flags'", "floats do not go into a bool array"]),
+        ("nan", ["key 'values'", "non-finite"]),
+        ("not_a_dict", ["must return a dict"]),
+        ("raise", ["RuntimeError", "training of model 6 blew up"]),
+    ],
+)
+def test_bad_outputs_write_nothing(store_dir: Path, mode: str, needles: list[str]) -> None:
+    before = data_bytes(store_dir)
+    proc = worker(
+        store_dir, "--worker.index=6", f"--worker.main_import={SCRIPT}", f"--script.mode={mode}"
+    )
+    assert proc.returncode == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    assert data_bytes(store_dir) == before
+    assert not (store_dir / "cmds.txt").exists()
+
+
+def test_completed_index_skipped_unless_asked(store_dir: Path) -> None:
+    assert worker(store_dir, "--worker.index=2", f"--worker.main_import={SCRIPT}").returncode == 0
+    proc = worker(
+        store_dir, "--worker.index=2", f"--worker.main_import={SCRIPT}", "--script.scale=3"
+    )
+    assert proc.returncode == 0
+    assert "already completed" in proc.stderr
+    assert_row(store_dir, 2, scale=1.0)
+    proc = worker(
+        store_dir,
+        "--worker.index=2",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        "--worker.do_if_complete",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_row(store_dir, 2, scale=3.0)
+    proc = worker(
+        store_dir,
+        "--worker.index=2",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=4",
+        "--worker.do_if_complete=false",
+    )
+    assert proc.returncode == 0 and "already completed" in proc.stderr
+    assert_row(store_dir, 2, scale=3.0)
+
+
+@pytest.mark.parametrize("mode", ["sleep", "swallow", "ignore_timeout"])
+def test_timeout_fails_and_leaves_index_incomplete(store_dir: Path, mode: str) -> None:
+    proc = worker(
+        store_dir,
+        "--worker.index=1",
+        f"--worker.main_import={SCRIPT}",
+        f"--script.mode={mode}",
+        "--worker.job_timeout=1",
+        "--worker.kill_grace=2",
+        timeout=60,
+    )
+    assert proc.returncode == 124, proc.stderr
+    assert "timeout" in proc.stderr
+    with Store.open(store_dir) as store:
+        assert not store.is_completed(1)
+        assert not store.read("values")[1].any()
+
+
+def test_many_indices_in_one_process(store_dir: Path, tmp_path: Path) -> None:
+    argv_out = tmp_path / "argv.txt"
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-5,9,3",
+        f"--worker.main_import={SCRIPT}",
+        "--script.mode=raise",
+        "--script.bad=2,4",
+        f"--script.argv_out={argv_out}",
+    )
+    assert proc.returncode == 1
+    assert "5 trained, 0 skipped (completed), 2 failed: indices [2, 4]" in proc.stderr
+    with Store.open(store_dir) as store:
+        assert store.completed_indices().tolist() == [0, 1, 3, 5, 9]
+    for i in (0, 1, 3, 5, 9):
+        assert_row(store_dir, i)
+    assert len(argv_out.read_text().splitlines()) == 7  # 3 was listed twice, trained once
+    # a rerun trains only what is missing
+    proc = worker(store_dir, "--worker.indices=0-5,9", f"--worker.main_import={SCRIPT}")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trained, 5 skipped" in proc.stderr
+    assert len((store_dir / "cmds.txt").read_text().splitlines()) == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--worker.index=1"], "--worker.main_import"),
+        ([f"--worker.main_import={SCRIPT}"], "one of the arguments --worker.index"),
+        (
+            ["--worker.index=1", "--worker.indices=2", f"--worker.main_import={SCRIPT}"],
+            "not allowed with",
+        ),
+        (["--worker.indices=3-1", f"--worker.main_import={SCRIPT}"], "bad index list part"),
+        (["--worker.index=20", f"--worker.main_import={SCRIPT}"], "outside the store's range"),
+        (
+            ["--worker.index=1", f"--worker.main_import={SCRIPT}", "--worker.idx=3"],
+            "unknown worker option",
+        ),
+        (
+            ["--worker.index=1", f"--worker.main_import={SCRIPT}", "--worker.job_timeout=0"],
+            "job_timeout",
+        ),
+    ],
+)
+def test_usage_errors(store_dir: Path, args: list[str], needle: str) -> None:
+    proc = worker(store_dir, *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr, proc.stderr
+
+
+def test_missing_store_and_module(tmp_path: Path, store_dir: Path) -> None:
+    proc = worker(tmp_path / "nowhere", "--worker.index=0", f"--worker.main_import={SCRIPT}")
+    assert proc.returncode == 1 and "no store at" in proc.stderr
+    proc = worker(store_dir, "--worker.index=0", "--worker.main_import=no_such_module_xyz")
+    assert proc.returncode != 0 and "no_such_module_xyz" in proc.stderr
+    proc = worker(store_dir, "--worker.index=0", "--worker.main_import=json")
+    assert proc.returncode == 1 and "has no callable main" in proc.stderr
+    assert json  # the module used above exists
+
+
+def test_parse_indices() -> None:
+    assert parse_indices("0-3,7,5-6,2") == [0, 1, 2, 3, 7, 5, 6]
+    assert parse_indices("12") == [12]
+    for bad in ["", "a", "3-", "5-2", "1,,2", "-1"]:
+        with pytest.raises(ValueError, match="bad index list part"):
+            parse_indices(bad)
+
+
+def test_group_commit_stores_everything(store_dir: Path) -> None:
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-9",
+        f"--worker.main_import={SCRIPT}",
+        "--worker.commit_every=60",
+        "--script.mode=raise",
+        "--script.bad=9",
+    )
+    assert proc.returncode == 1
+    assert "stored index(es) 0,1,2,3,4,5,6,7,8" in proc.stderr  # one group, after the failure
+    with Store.open(store_dir) as store:
+        assert store.completed_indices().tolist() == list(range(9))
+    assert len((store_dir / "cmds.txt").read_text().splitlines()) == 9
+
+
+def test_report_file(store_dir: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text("stale")  # replaced whole
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+        "--script.mode=raise",
+        "--script.bad=2",
+    )
+    assert proc.returncode == 1
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and "error" not in data
+    assert [(o["index"], o["status"]) for o in data["outcomes"]] == [
+        (0, "trained"),
+        (1, "trained"),
+        (2, "failed"),
+        (3, "trained"),
+    ]
+    assert "training of model 2 blew up" in data["outcomes"][2]["message"]
+    assert all(o["seconds"] >= 0 for o in data["outcomes"])
+    assert data["outcomes"][0]["message"] == ""
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
+    # a rerun: 0, 1, 3 skipped, 2 trained, exit 0
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 0
+    assert [o["status"] for o in data["outcomes"]] == ["skipped", "skipped", "trained", "skipped"]
+
+
+def test_report_written_when_the_worker_itself_fails(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    proc = worker(
+        tmp_path / "nowhere",
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.report={report}",
+    )
+    assert proc.returncode == 1
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and data["outcomes"] == []
+    assert data["error"].startswith("StoreError: no store at")
