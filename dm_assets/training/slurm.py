@@ -320,8 +320,8 @@ class _Submitter:
         )
         return (
             "#!/bin/bash\n"
-            "# Written by dm_assets.training.slurm: array task k trains the indices on line k+1 of\n"
-            f"# {folder / 'groups.txt'} with the seed-compatible worker.\n"
+            "# Written by dm_assets.training.slurm: array task k trains the indices on line k+1\n"
+            f"# of {folder / 'groups.txt'} with the seed-compatible worker.\n"
             "set -eu\n"
             'task=${SLURM_ARRAY_TASK_ID:?"run this as a task of a SLURM job array"}\n'
             f'indices=$(sed -n "$((task + 1))p" {groups})\n'
