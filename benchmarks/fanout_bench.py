@@ -24,6 +24,12 @@ hour and the ratio to ``seed`` (models per hour over the seed's), with the load 
 what bounds that ratio: with 2 at a time the seed's way spends (sleep + its per-process
 start-up, measured by the no-op run) per model and no launcher can beat sleep alone, so for
 1-second models local / seed is at most (1 + start-up) / 1.
+
+Last, how fast an interrupted launcher stops (``interrupt`` in the results; once an assert in
+the tests, which keep only the behaviour: nothing left running, nothing stored): ``local``
+trains 4 models of 30 s each on 2 slots and its ``on_progress`` raises once both workers run;
+the seconds from that raise until the exception leaves :func:`train_models` (every process group
+sent SIGTERM, SIGKILL after ``KILL_GRACE_SECONDS``), each run's, against a bound of 15 s.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def _bench() -> int:
     from dm_assets.store.spec import Spec
     from dm_assets.store.store import Store
     from dm_assets.training.devices import DeviceSlots, detect_devices
-    from dm_assets.training.local import train_models
+    from dm_assets.training.local import KILL_GRACE_SECONDS, train_models
     from dm_assets.training.slurm import train_models_slurm
 
     parser = argparse.ArgumentParser()
@@ -157,6 +163,44 @@ def _bench() -> int:
         check(store)
         return seconds
 
+    class StopTrainingError(Exception):
+        pass
+
+    def local_stop_seconds(env: dict[str, str], r: int) -> float:
+        """Seconds from an exception in on_progress, with 2 workers training 30 s models,
+        until it leaves train_models."""
+        store = fresh_store(f"stop_{r}")
+        logs = work / f"stop_{r}_logs"
+        raised: list[float] = []
+
+        def on_progress(done: int, total: int) -> None:
+            # both workers started: each has written its log's header and started python
+            if len(list(logs.glob("*.log"))) >= 2 and time.monotonic() > started + 1.0:
+                raised.append(time.monotonic())
+                raise StopTrainingError
+
+        slots = DeviceSlots(work / "locks", detect_devices("none", cpu_slots=2))
+        with slots.acquire(2) as lease:
+            started = time.monotonic()
+            try:
+                report = train_models(
+                    store,
+                    list(range(4)),
+                    main_import=module,
+                    lease=lease,
+                    env={**env, "DM_BENCH_SLEEP": "30"},
+                    log_dir=logs,
+                    on_progress=on_progress,
+                    progress_every=0.05,
+                )
+            except StopTrainingError:
+                seconds = time.monotonic() - raised[0]
+            else:
+                raise AssertionError(f"train_models was not interrupted: {report.summary()}")
+        with Store.open(store) as opened:
+            assert not opened.completed_mask().any(), "an interrupted model was stored"
+        return seconds
+
     ways = {"seed": seed_way, "local": local_way, "slurm": slurm_way}
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict[str, object]]] = {}
@@ -195,6 +239,15 @@ def _bench() -> int:
                 "best_models_per_hour": (3600 * jobs / sleep) if sleep > 0 else None,
                 "max_ratio_to_seed": ((sleep + startup) / sleep) if sleep > 0 else None,
             }
+    stop_env = {**os.environ, "PYTHONPATH": pythonpath}
+    stops = [local_stop_seconds(stop_env, r) for r in range(args.repeats)]
+    interrupt = {
+        "local_seconds_to_stop": stops,
+        "median_seconds": statistics.median(stops),
+        "kill_grace_seconds": KILL_GRACE_SECONDS,
+        "bound_seconds": 15.0,
+        "within_bound": max(stops) < 15.0,
+    }
     load_after = os.getloadavg()
     out = {
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
@@ -206,6 +259,7 @@ def _bench() -> int:
         "load_before": load_before,
         "load_after": load_after,
         "results": results,
+        "interrupt": interrupt,
     }
     text = json.dumps(out, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +284,13 @@ def _bench() -> int:
                 f"({jobs} x sleep alone), at most {bound['max_ratio_to_seed']:.2f} x seed "
                 f"(seed start-up {bound['seed_startup_seconds_per_model']:.2f} s per model)"
             )
+    print(
+        f"interrupted local launcher stopped in {interrupt['median_seconds']:.2f} s (median; "
+        f"runs {', '.join(f'{x:.2f}' for x in stops)}; bound 15 s, SIGKILL after "
+        f"{KILL_GRACE_SECONDS:g} s)"
+    )
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 0 if interrupt["within_bound"] else 1
 
 
 if __name__ == "__main__":

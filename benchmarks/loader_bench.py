@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dm_assets.regression.beton import BetonSource, write_beton
+from dm_assets.regression.beton_reader import BetonSource
+from dm_assets.regression.beton_writer import write_beton
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store
 

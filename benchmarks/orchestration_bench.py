@@ -87,9 +87,9 @@ def main() -> int:
 
     import dagster as dg
 
-    from dm_assets.launch import prepare_dagster_home
     from dm_assets.pipeline.definitions import build_definitions, default_resources
     from dm_assets.pipeline.experiment import load_experiment
+    from dm_assets.pipeline.runs import prepare_dagster_home
     from dm_assets.store.spec import Spec
     from dm_assets.store.store import Store
     from dm_assets.training.devices import DeviceSlots, detect_devices

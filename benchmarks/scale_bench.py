@@ -17,7 +17,8 @@ Run from the repository root::
    under ``DAGSTER_HOME``) after the runs, and its growth per run.
 2. ``store``: a store of 300,000 x 50,000 bool ``masks`` + 300,000 x 10,000 float16 ``margins``
    (``Store.initialize``: sparse, about 21 GB apparent), ``--rows`` consecutive rows written with
-   ``Store.write_rows`` (groups of 100), then :func:`dm_assets.regression.beton.write_beton` of
+   ``Store.write_rows`` (groups of 100), then
+   :func:`dm_assets.regression.beton_writer.write_beton` of
    those completed rows against a raw sequential read of the same bytes from the ``.npy``
    files (chunks of 64 MiB), each from a cold page cache (``posix_fadvise(DONTNEED)`` on the
    store's files first) and again warm. Reported: MB/s of store bytes read for each, the ratio,
@@ -65,9 +66,9 @@ def orchestration(args: argparse.Namespace, work: Path) -> dict[str, object]:
     write_experiment(exp_dir, name, MODELS, args.block, args.partitions_per_run)
     import dagster as dg
 
-    from dm_assets.launch import prepare_dagster_home
     from dm_assets.pipeline.definitions import build_definitions, default_resources
     from dm_assets.pipeline.experiment import load_experiment
+    from dm_assets.pipeline.runs import prepare_dagster_home
     from dm_assets.store.spec import Spec
     from dm_assets.store.store import Store
     from dm_assets.training.runner import load_routine, run_indices
@@ -208,7 +209,7 @@ def raw_read(paths_ranges: list[tuple[Path, int, int]], chunk: int = 64 << 20) -
 def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     import numpy as np
 
-    from dm_assets.regression.beton import write_beton
+    from dm_assets.regression.beton_writer import write_beton
     from dm_assets.store.spec import Spec
     from dm_assets.store.store import Store, read_npy_layout
 

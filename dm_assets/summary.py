@@ -6,12 +6,12 @@ python -m dm_assets.summary [EXPERIMENT ...]   # default: every experiment with 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from dm_assets.home import dm_home, mlflow_tracking_uri
 from dm_assets.pipeline.experiment import Experiment, load_experiments
+from dm_assets.regression.fit import FitFolder, FitFolderError
 from dm_assets.store.store import Store, StoreError
 
 
@@ -27,19 +27,20 @@ def describe(experiment: Experiment) -> list[str]:
         return lines
     if paths.beton.exists():
         lines.append(f"  dataset   {paths.beton} ({paths.beton.stat().st_size:,} bytes)")
-    summary_file = paths.datamodels / "summary.json"
-    if summary_file.exists():
-        s = json.loads(summary_file.read_text())
-        lines.append(
-            f"  fit       {paths.datamodels.resolve()}: {s['n_targets']} targets x "
-            f"{s['n_features']} training examples, fit on {s['n_train']} models "
-            f"(lambda chosen on {s['n_val']}); mean validation R^2 {s['mean_val_r2']:.3f}, "
-            f"mean nonzeros {s['mean_nonzeros']:.1f}, {s['solver']} on {s['device']} "
-            f"in {s['seconds']:.1f} s"
-        )
-    evaluation_file = paths.datamodels / "evaluation.json"
-    if evaluation_file.exists():
-        e = json.loads(evaluation_file.read_text())
+    try:
+        fit = FitFolder.open(paths.datamodels)
+    except FitFolderError:
+        return lines  # not fitted yet
+    s = fit.summary()
+    lines.append(
+        f"  fit       {fit.path}: {s['n_targets']} targets x "
+        f"{s['n_features']} training examples, fit on {s['n_train']} models "
+        f"(lambda chosen on {s['n_val']}); mean validation R^2 {s['mean_val_r2']:.3f}, "
+        f"mean nonzeros {s['mean_nonzeros']:.1f}, {s['solver']} on {s['device']} "
+        f"in {s['seconds']:.1f} s"
+    )
+    e = fit.evaluation()
+    if e is not None:
         ceiling = (
             "" if e.get("noise_ceiling") is None else f", noise ceiling {e['noise_ceiling']:.3f}"
         )
@@ -51,9 +52,7 @@ def describe(experiment: Experiment) -> list[str]:
             lines.append(
                 f"            LDS {point['lds']:.3f} when fitted on {point['n_train']} models"
             )
-        lines.append(
-            f"  pictures  {paths.datamodels.resolve()}/*.png, notebooks/datamodels_analysis.ipynb"
-        )
+        lines.append(f"  pictures  {fit.path}/*.png, notebooks/datamodels_analysis.ipynb")
     return lines
 
 

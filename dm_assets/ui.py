@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dm_assets.home import dm_home, mlflow_artifact_root, mlflow_tracking_uri
-from dm_assets.launch import REPO_ROOT, prepare_dagster_home
+from dm_assets.pipeline.runs import REPO_ROOT, prepare_dagster_home
 
 
 def command(which: str, port: int, host: str = "127.0.0.1") -> list[str]:

@@ -1,5 +1,6 @@
 """``python -m dm_assets.launch``: interrupting it terminates the Dagster run, and the run's
-worker processes end with it; a fit without trained models fails with a clear message."""
+worker processes end with it; a fit without trained models fails with a clear message; runs
+whose worker process is gone are reaped before a launch (:mod:`dm_assets.pipeline.runs`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import dagster as dg
 import pytest
+from dagster._core.events import EngineEventData
 
-from dm_assets.launch import partition_tags
+from dm_assets.pipeline.runs import partition_tags, reap_dead_runs
 from dm_assets.store.store import Store
 from dm_assets_tests.helpers import REPO_ROOT, cli_env
 
@@ -79,6 +83,71 @@ def test_partition_tags() -> None:
         partition_tags("j", keys, "20-29...00-09")
     with pytest.raises(ValueError, match="no partitions"):
         partition_tags("j", [], "00-09")
+
+
+def sleeping_process(*extra: str) -> subprocess.Popen[bytes]:
+    """A real process that sleeps; ``extra`` ends its command line (``dagster`` there makes it
+    look like a run worker to the reaper, which checks the command line against reused pids)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *extra])
+
+
+def started_run(instance: dg.DagsterInstance, pid: int | None) -> str:
+    """A STARTED run whose log records its run worker ``pid`` as Dagster's launcher does, and
+    that holds a slot of the ``gpu`` pool."""
+    run = instance.add_run(
+        dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED)
+    )
+    if pid is not None:
+        instance.report_engine_event(
+            f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+        )
+    instance.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "fit")
+    return run.run_id
+
+
+def test_reap_dead_runs_fails_runs_whose_worker_is_gone(tmp_path: Path) -> None:
+    dead = sleeping_process("dagster")
+    dead.kill()
+    dead.wait()  # gone, not a zombie
+    healthy = sleeping_process("dagster")
+    reused = sleeping_process()  # alive, but not a run worker: its pid was reused
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            instance.event_log_storage.set_concurrency_slots("gpu", 8)
+            gone = started_run(instance, dead.pid)
+            alive = started_run(instance, healthy.pid)
+            not_ours = started_run(instance, reused.pid)
+            starting = started_run(instance, None)  # no process recorded yet, within grace
+            finished = started_run(instance, dead.pid)
+            instance.report_run_failed(instance.get_run_by_id(finished))
+
+            slots = instance.event_log_storage.get_concurrency_info("gpu")
+            assert slots.active_run_ids == {gone, alive, not_ours, starting, finished}
+
+            assert sorted(reap_dead_runs(instance)) == sorted([gone, not_ours])
+
+            status = {
+                run_id: instance.get_run_by_id(run_id).status  # type: ignore[union-attr]
+                for run_id in (gone, alive, not_ours, starting, finished)
+            }
+            assert status == {
+                gone: dg.DagsterRunStatus.FAILURE,
+                alive: dg.DagsterRunStatus.STARTED,
+                not_ours: dg.DagsterRunStatus.FAILURE,
+                starting: dg.DagsterRunStatus.STARTED,
+                finished: dg.DagsterRunStatus.FAILURE,
+            }
+            failure = instance.all_logs(gone, of_type=dg.DagsterEventType.RUN_FAILURE)
+            assert f"its run worker (pid {dead.pid}) is gone" in failure[-1].message
+            # the reaped runs' pool slots are free; the others keep theirs
+            holders = instance.event_log_storage.get_concurrency_info("gpu").active_run_ids
+            assert holders == {alive, starting, finished}
+            assert healthy.poll() is None and reused.poll() is None  # nothing was killed
+            assert reap_dead_runs(instance) == []  # a second pass finds nothing more
+    finally:
+        for proc in (healthy, reused):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dagster as dg
 
 from dm_assets.home import dm_home
-from dm_assets.pipeline.assets import experiment_assets, experiment_jobs
+from dm_assets.pipeline.assets import experiment_assets
 from dm_assets.pipeline.experiment import Experiment, load_experiments
+from dm_assets.pipeline.jobs import experiment_jobs
 from dm_assets.pipeline.resources.device_slots import DeviceSlotsResource
 from dm_assets.pipeline.resources.experiment_home import HomeResource
 from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
-from dm_assets.pipeline.resources.slurm_trainer import SlurmTrainer
-from dm_assets.pipeline.resources.trainers import LocalTrainer
+from dm_assets.pipeline.resources.trainers import LocalTrainer, SlurmTrainer
 
 
 def default_resources(home: str | None = None) -> dict[str, dg.ConfigurableResource]:

@@ -237,7 +237,9 @@ class ExperimentPaths:
     ``store/`` the store (``<key>.npy``, ``_completed.npy``, ``spec.json``, ``workers/``);
     ``data.beton`` the FFCV dataset of completed rows; ``fits/<id>/`` one folder per fit
     (``datamodels.pt``, ``regularization_path.csv``, ``summary.json``, ``config.yaml``);
-    ``datamodels`` a link to the latest fit; ``launcher_logs/`` the worker processes' logs.
+    ``datamodels`` a link to the latest fit; ``slices/<key>/`` the fits of one slice of the
+    targets when the regression is fitted by slices; ``launcher_logs/`` the worker processes'
+    logs.
     """
 
     root: Path
@@ -257,6 +259,12 @@ class ExperimentPaths:
     @property
     def datamodels(self) -> Path:
         return self.root / "datamodels"
+
+    @property
+    def slices(self) -> Path:
+        """``slices/<key>/``: the fits of one slice of the targets, ``<key>/latest`` a link to
+        the latest (experiments fitted by slices of targets only)."""
+        return self.root / "slices"
 
     @property
     def launcher_logs(self) -> Path:
@@ -317,23 +325,6 @@ class Experiment:
     def slice_keys(self) -> list[str]:
         """The keys of :meth:`target_slices`, in target order."""
         return [s.key for s in self.target_slices()]
-
-    def jobs(self) -> dict[str, list[str]]:
-        """The experiment's Dagster jobs and the partition keys each runs over (empty: not
-        partitioned): ``<name>_train`` (store, training partitions); with a regression,
-        ``<name>_fit`` (dataset, datamodels, evaluation) or, when fitted by target slices,
-        ``<name>_dataset``, ``<name>_slices`` (one partition per slice) and ``<name>_fit``
-        (the merge and the evaluation); ``<name>_all`` (everything but the slices)."""
-        models = self.partition_keys()
-        jobs = {f"{self.name}_train": models}
-        if self.regression is not None:
-            slices = self.slice_keys()
-            if slices:
-                jobs[f"{self.name}_dataset"] = []
-                jobs[f"{self.name}_slices"] = slices
-            jobs[f"{self.name}_fit"] = []
-        jobs[f"{self.name}_all"] = models
-        return jobs
 
     @staticmethod
     def partition_indices(key: str) -> range:

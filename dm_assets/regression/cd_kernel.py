@@ -19,6 +19,7 @@ import numpy as np
 
 @numba.njit(cache=True, nogil=True)
 def _gap(w: np.ndarray, r: np.ndarray, c: np.ndarray, yy: float, lam: float) -> float:
+    """The duality gap of ``w`` (``p,``) with ``r = c - G w`` kept current (module doc)."""
     wc = 0.0
     wr = 0.0
     l1 = 0.0
@@ -76,6 +77,9 @@ def _solve_one(
     tol: float,
     max_sweeps: int,
 ) -> tuple[bool, int, float]:
+    """One target, ``w`` ``(p,)`` in place: full sweeps to admit new weights, each followed
+    by sweeps over the nonzero weights until they settle, until the gap is at most
+    ``tol * yy`` or ``max_sweeps`` ran. Returns ``(converged, sweeps, training MSE)``."""
     p = w.shape[0]
     r = c.copy()
     for i in range(p):
@@ -125,12 +129,36 @@ def solve_columns(
     tol: float,
     max_sweeps: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Solve ``min_w (1/2) w^T G w - c^T w + lam |w|_1`` for every column, in place.
+    """Solve ``min_w (1/2) w^T G w - c^T w + lam ||w||_1`` for every column, in place.
 
-    ``g`` float64 ``(p, p)`` C-ordered and symmetric; ``c`` ``(p, a)``; ``yy``, ``lam``
-    ``(a,)``; ``w`` ``(a, p)`` C-ordered (one target a row: the warm start, overwritten).
-    Returns ``converged`` bool ``(a,)`` (gap ``<= tol * yy``), the sweeps run ``(a,)``, and
-    the training mean squared error ``||y - X_std w - b||^2 / n`` of each column ``(a,)``.
+    Per column this is ``(1/(2n)) ||y - X_std w - b||^2 + lam ||w||_1`` at the best intercept.
+    Columns run in parallel threads.
+
+    Parameters
+    ----------
+    g : float64 array, shape (p, p)
+        ``X_std^T X_std / n``, C-ordered and symmetric.
+    c : float64 array, shape (p, a)
+        ``X_std^T (y - y_bar) / n`` per column.
+    yy : float64 array, shape (a,)
+        ``||y - y_bar||^2 / n`` per column.
+    lam : float64 array, shape (a,)
+        Each column's lambda.
+    w : float64 array, shape (a, p)
+        C-ordered, one target a row: the warm start, overwritten with the solutions.
+    tol : float
+        A column has converged when its duality gap is at most ``tol * yy``.
+    max_sweeps : int
+        Coordinate sweeps per column before giving up.
+
+    Returns
+    -------
+    converged : bool array, shape (a,)
+        Which columns met ``tol``.
+    sweeps : int64 array, shape (a,)
+        Sweeps run per column.
+    mse : float64 array, shape (a,)
+        The training mean squared error ``||y - X_std w - b||^2 / n`` of each column.
     """
     a = c.shape[1]
     converged = np.zeros(a, dtype=np.bool_)

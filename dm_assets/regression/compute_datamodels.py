@@ -3,33 +3,23 @@
     python -m dm_assets.regression.compute_datamodels -C config.yml [--section.key=value ...]
 
 Rows ``[0, num_train)`` of the dataset fit, the next ``num_val`` choose each target's lambda,
-the rest are left for evaluation. ``out_dir`` (which must not exist) receives:
+the rest are left for evaluation. ``out_dir`` (which must not exist) receives a fit folder,
+written under a temporary name and renamed when complete (:mod:`dm_assets.regression.fit` lists
+each file's contents with shapes and dtypes):
 
-========================== ====================================================================
-``datamodels.pt``          ``torch.save`` dict: ``weight`` float32 ``(n_features, n_targets)``,
-                           ``bias`` ``(n_targets,)``, ``lam`` ``(n_targets,)`` (the seed's three),
-                           plus ``mean``, ``std`` ``(n_features,)`` and ``lam_max``
-                           ``(n_targets,)``: ``((x - mean) / std) @ weight + bias`` predicts
-``regularization_path.csv`` one row per (target, lambda step) reached: ``target`` (column in the
-                           dataset), ``step``, ``lambda``, ``lambda_over_max``, ``train_mse``,
-                           ``val_mse``, ``nonzeros``, ``chosen`` (1 at the selected lambda)
-``summary.json``           solver, device, seconds, models and features used, mean chosen
-                           lambda / lambda_max, mean nonzeros, mean validation R^2
-``config.yaml``            the resolved configuration
-========================== ====================================================================
-
-The directory is written under a temporary name and renamed when complete.
+``datamodels.pt``           the weights: ``((x - mean) / std) @ weight + bias`` predicts
+``regularization_path.csv`` one row per (target, lambda step) reached
+``summary.json``            solver, device, seconds, models and features used, mean chosen
+                            lambda / lambda_max, mean nonzeros, mean validation R^2
+``config.yaml``             the resolved configuration
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from dm_assets.cli import configure_logging
 from dm_assets.regression.beton import BetonError
 from dm_assets.regression.config import ConfigError, RegressionConfig, load_config, parse_overrides
 from dm_assets.regression.data import RowSource
+from dm_assets.regression.fit import FitFolder
 from dm_assets.regression.gram import fit_gram
 from dm_assets.regression.path import LassoPathResult
 from dm_assets.regression.stats import accumulate_stats
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_FILES = ("datamodels.pt", "regularization_path.csv", "summary.json", "config.yaml")
 
 
 @dataclass
@@ -95,7 +83,7 @@ def choose_solver(name: str, n_features: int, device: torch.device) -> str:
 
 def open_source(config: RegressionConfig) -> RowSource:
     """The configured dataset as a row source (FFCV loader), with the target slice applied."""
-    from dm_assets.regression.beton import BetonSource
+    from dm_assets.regression.beton_reader import BetonSource
 
     d = config["data"]
     return BetonSource(
@@ -228,27 +216,17 @@ def path_table(result: LassoPathResult, target_offset: int = 0) -> pd.DataFrame:
 
 
 def write_outputs(fit: Datamodels, out_dir: str | Path, config: RegressionConfig) -> Path:
-    """Write ``out_dir`` (see the module docstring) atomically; refuse an existing one."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(
-            f"cfg.out_dir={out_dir} already exists; choose a new directory (nothing is overwritten)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        torch.save(fit.result.seed_dict(), tmp / "datamodels.pt")
-        path_table(fit.result, config["data"]["target_start_ind"]).to_csv(
-            tmp / "regularization_path.csv", index=False
-        )
-        (tmp / "summary.json").write_text(json.dumps(fit.summary, indent=2) + "\n")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        os.rename(tmp, out_dir)  # fails rather than replace a directory made meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    """Write the fit folder ``out_dir`` (see the module docstring) atomically with
+    :meth:`FitFolder.write <dm_assets.regression.fit.FitFolder.write>`; refuse an existing one.
+    Returns ``out_dir`` as given."""
+    FitFolder.write(
+        out_dir,
+        weights=fit.result.seed_dict(),
+        path_table=path_table(fit.result, config["data"]["target_start_ind"]),
+        summary=fit.summary,
+        config=config.to_dict(),
+    )
+    return Path(out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

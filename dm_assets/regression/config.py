@@ -26,6 +26,7 @@ class ConfigError(DmError, ValueError):
 
 
 def _bool(value: object) -> bool:
+    """A YAML or command-line boolean: a bool, 0/1, or true/false, yes/no, on/off."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -38,6 +39,7 @@ def _bool(value: object) -> bool:
 
 
 def _int(value: object) -> int:
+    """An integer, from an int, an integral float or a string (never a bool)."""
     if isinstance(value, bool):
         raise ValueError(f"expected an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
@@ -46,24 +48,28 @@ def _int(value: object) -> int:
 
 
 def _float(value: object) -> float:
+    """A number, from an int, a float or a string (never a bool)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     return float(value)  # type: ignore[arg-type]  # "1e-4" strings (YAML 1.1) included
 
 
 def _optional_float(value: object) -> float | None:
+    """A number, or None for nothing, ``""``, ``none`` or ``null``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     return _float(value)
 
 
 def _optional_int(value: object) -> int | None:
+    """An integer, or None for nothing, ``""``, ``none`` or ``null``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     return _int(value)
 
 
 def _str(value: object) -> str:
+    """Any value but nothing (None), as a string."""
     if value is None:
         raise ValueError("expected a string, got nothing")
     return str(value)
@@ -71,6 +77,9 @@ def _str(value: object) -> str:
 
 @dataclass(frozen=True)
 class _Param:
+    """One key of a section: its converter, its default (``_MISSING``: none), its help line,
+    and whether the config must set it."""
+
     convert: Callable[[object], Any]
     default: Any
     help: str
@@ -200,6 +209,8 @@ def load_config(
 
 
 def _validate(raw: Mapping[str, Mapping[str, object]], source: str | None) -> RegressionConfig:
+    """``raw[section][key]`` converted and checked against :data:`PARAMS`, defaults filled
+    in; raises :class:`ConfigError` listing every problem."""
     problems: list[str] = []
     values: dict[str, dict[str, Any]] = {}
     for section, given in raw.items():
@@ -233,11 +244,13 @@ def _validate(raw: Mapping[str, Mapping[str, object]], source: str | None) -> Re
 
 
 def _suggest(word: str, choices: Mapping[str, object]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_ranges(v: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The problems of converted values ``v[section][key]``: ranges and combinations."""
     d, c, e = v["data"], v["cfg"], v["early_stopping"]
     problems = []
     if d["num_train"] < 2:

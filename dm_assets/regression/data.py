@@ -41,9 +41,27 @@ class RowSource(Protocol):
         shuffle: bool = False,
         seed: int = 0,
     ) -> Iterator[Batch]:
-        """The given row positions in batches of at most ``batch_size`` (the last may be
-        smaller), in order or shuffled (a different order for each ``seed``). Every yielded
-        tensor is owned by the caller (safe to keep past the next iteration)."""
+        """The given row positions in batches, in order or shuffled.
+
+        Parameters
+        ----------
+        rows : int array-like, shape (n,)
+            Row positions, ``0 .. n_rows - 1``.
+        batch_size : int
+            Rows per batch; the last batch may be smaller.
+        device : torch.device
+            Where the yielded tensors live.
+        shuffle : bool
+            Permute the rows first (default False: in the given order).
+        seed : int
+            Seeds the permutation: the same seed gives the same order.
+
+        Yields
+        ------
+        Batch
+            ``(x, y, rows)``; every tensor is owned by the caller (safe to keep past the next
+            iteration).
+        """
         ...
 
 
@@ -82,6 +100,7 @@ class ArraySource:
         shuffle: bool = False,
         seed: int = 0,
     ) -> Iterator[Batch]:
+        """As :meth:`RowSource.batches`; shuffled passes permute by ``default_rng(seed)``."""
         rows = np.asarray(rows, dtype=np.int64)
         if shuffle:
             rows = np.random.default_rng(seed).permutation(rows)

@@ -69,7 +69,8 @@ def lipschitz_constant(gram: torch.Tensor, iterations: int = 100) -> float:
 def _objective_and_gap(
     gram: torch.Tensor, c: torch.Tensor, yy: torch.Tensor, lam: torch.Tensor, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per column: the primal objective, the duality gap and the training MSE (``2 * f``)."""
+    """Per column ``(a,)``: the primal objective, the duality gap and the training MSE
+    (``||r||^2 / n``) of ``w`` ``(p, a)`` for ``min_w (1/2) w^T G w - c^T w + lam ||w||_1``."""
     grad = gram @ w - c  # = -X_std^T r / n
     wc = (w * c).sum(0)
     mse = (yy + (w * grad).sum(0) - wc).clamp_min(0)  # ||r||^2 / n
@@ -93,12 +94,43 @@ def solve_fixed_lambda(
     max_iter: int = 5000,
     check_every: int = 5,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """FISTA for ``min_w (1/2) w^T G w - c^T w + lam |w|_1`` for every column at once.
+    """FISTA for ``min_w (1/2) w^T G w - c^T w + lam ||w||_1``, every column at once.
 
-    ``gram`` ``(p, p)``, ``c`` ``(p, a)``, ``yy`` ``(a,)``, ``lam`` ``(a,)``, ``w0`` ``(p, a)``
-    (the warm start). Returns ``(w, converged, iterations)``: ``w`` ``(p, a)``, ``converged``
-    bool ``(a,)`` (duality gap ``<= tol * yy``), and the iterations run. Converged columns are
-    dropped from the iteration, so the cost follows the slowest targets only.
+    Per column (target) this is ``(1/(2n)) ||y - X_std w - b||^2 + lam ||w||_1`` at the best
+    intercept (module doc). Converged columns are dropped from the iteration, so the cost
+    follows the slowest targets only; adaptive restarts drop momentum that points uphill, and
+    the step halves whenever an objective rises (``lipschitz`` was too low).
+
+    Parameters
+    ----------
+    gram : float tensor, shape (p, p)
+        ``G = X_std^T X_std / n`` (symmetric positive semi-definite).
+    c : float tensor, shape (p, a)
+        ``X_std^T (y - y_bar) / n`` per column.
+    yy : float tensor, shape (a,)
+        ``||y - y_bar||^2 / n`` per column: the objective's scale.
+    lam : float tensor, shape (a,)
+        Each column's lambda.
+    w0 : float tensor, shape (p, a)
+        The warm start (not modified).
+    lipschitz : float
+        An upper estimate of ``G``'s largest eigenvalue (:func:`lipschitz_constant`); the
+        step is ``1 / lipschitz``.
+    tol : float
+        A column has converged when its duality gap is at most ``tol * yy``.
+    max_iter : int
+        Iterations before giving up (the columns left then count as not converged).
+    check_every : int
+        Iterations between duality-gap tests.
+
+    Returns
+    -------
+    w : float tensor, shape (p, a)
+        The solutions.
+    converged : bool tensor, shape (a,)
+        Which columns met ``tol``.
+    iterations : int
+        The iterations run (those of the slowest column).
     """
     w = w0.clone()
     converged = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
@@ -253,93 +285,68 @@ def fit_gram(
 ) -> LassoPathResult:
     """Fit every target's LASSO path from sufficient statistics; choose lambda on validation.
 
+    Objective per target ``t`` on the ``n`` training rows, ``X_std = (X - mean) / std`` with
+    the training rows' column statistics::
+
+        (1 / (2 n)) * ||y_t - X_std w_t - b_t||^2 + lambda_t * ||w_t||_1
+
     Parameters
     ----------
-    source, train_rows, val_rows
-        The rows (see :mod:`dm_assets.regression.data`): training rows fit, validation rows
-        (at least one) score each lambda. Masks are standardized with the training rows'
-        column statistics.
-    k, eps
+    source : RowSource
+        The rows (see :mod:`dm_assets.regression.data`): ``p`` 0/1 features, ``t`` targets.
+    train_rows, val_rows : int array-like, shapes (n,) and (n_val,)
+        Row positions: training rows (at least 2) fit, validation rows (at least one) score
+        each lambda. Masks are standardized with the training rows' column statistics.
+    k, eps : int, float
         ``k`` lambdas per target, geometric from its ``lambda_max`` to ``eps * lambda_max``.
-    batch_size
+    batch_size : int
         Rows per batch of the statistics pass (memory: ``batch_size x (p + t)`` floats).
-    use_bias
+    use_bias : bool
         Fit an unpenalized intercept per target (the seed's ``use_bias``; default True).
-    device, engine, dtype
+    device, engine, dtype : torch.device or str, str, torch.dtype
         Where the statistics and the path are computed. ``engine``: ``"cd"`` (compiled
         coordinate descent, CPU only, float64), ``"fista"`` (torch, any device, in ``dtype``)
         or ``"auto"`` (``cd`` on the CPU, ``fista`` elsewhere).
-    tol, max_iter
+    tol, max_iter : float, int
         Each lambda is solved until the duality gap is ``<= tol * var(y)``, at most
         ``max_iter`` iterations or sweeps (then :class:`GramConvergenceWarning`).
-    min_lambdas, patience
+    min_lambdas, patience : int
         Early stopping along the path (see :class:`~dm_assets.regression.path.PathTracker`).
-    refit
+    refit : bool
         Refit each target at its chosen lambda on train + validation rows (default True).
+
+    Returns
+    -------
+    LassoPathResult
+        ``solver="gram"``; its ``info`` holds ``stats_seconds`` and ``iterations`` (FISTA
+        iterations or CD sweeps of the slowest target, summed over the lambdas and the
+        refit).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``engine``, ``cd`` off the CPU, or too few rows.
     """
     start = time.perf_counter()
     device = torch.device(device)
-    if engine == "auto":
-        engine = "cd" if device.type == "cpu" else "fista"
-    if engine not in ("cd", "fista") or (engine == "cd" and device.type != "cpu"):
-        raise ValueError(
-            f"engine must be 'auto', 'fista', or 'cd' on the CPU; got {engine!r} on {device}"
-        )
-    train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
-    if len(train_rows) < 2 or len(val_rows) < 1:
-        raise ValueError(
-            f"need at least 2 training rows and 1 validation row; got {len(train_rows)} and "
-            f"{len(val_rows)}"
-        )
+    engine = _resolve_engine(engine, device)
+    train_rows, val_rows = _check_rows(train_rows, val_rows)
+    # the statistics: one pass over the training rows, one over the validation rows
     train = accumulate_stats(source, train_rows, batch_size=batch_size, device=device)
     val = accumulate_stats(source, val_rows, batch_size=batch_size, device=device)
     stats_seconds = time.perf_counter() - start
     standardization = train.standardization()
     problem = train.centered(standardization, fit_intercept=use_bias)
     lam_max = problem.lambda_max()
+    # each target's path; the tracker keeps each target's best lambda on validation
     tracker = PathTracker(lambda_grid(lam_max, k, eps), min_lambdas=min_lambdas, patience=patience)
     solver = _Engine(engine, problem, dtype, tol, max_iter)
-    grid = tracker.lambdas.to(device)
-    p, t = problem.c.shape
-    weight = torch.zeros(p, t, dtype=torch.float64, device=device)
-    best = torch.zeros_like(weight)
-    iterations, unconverged = 0, 0
-    for step in range(tracker.k):
-        ids = torch.nonzero(tracker.active)[:, 0].to(device)
-        if ids.numel() == 0:
-            break
-        lam = grid[ids, step]
-        w, converged, its, train_mse = solver.solve(ids, lam, weight[:, ids])
-        w = w.to(torch.float64)
-        iterations += its
-        unconverged += int((~converged).sum())
-        weight[:, ids] = w
-        bias = problem.intercept(w, ids)  # zeros without an intercept
-        val_mse = _validation_mse(val, standardization, w, bias, ids, sparse=engine == "cd")
-        improved = tracker.record(step, ids, train_mse, val_mse, (w != 0).sum(0))
-        improved = improved.to(device)
-        best[:, ids[improved]] = w[:, improved]
-    if unconverged:
-        warnings.warn(
-            f"{unconverged} (target, lambda) solves stopped at max_iter={max_iter} before the "
-            f"duality gap reached tol={tol}: raise max_iter, or loosen tol",
-            GramConvergenceWarning,
-            stacklevel=2,
-        )
+    best, iterations = _solve_path(solver, problem, val, standardization, tracker, device=device)
     final_problem = problem
-    if refit:
+    if refit:  # at the chosen lambdas, on train + validation
         final_problem = (train + val).centered(standardization, fit_intercept=use_bias)
-        everyone = torch.arange(t, device=device)
-        refitter = _Engine(engine, final_problem, dtype, tol, max_iter)
-        best, converged, its, _ = refitter.solve(everyone, tracker.chosen_lambda.to(device), best)
-        best = best.to(torch.float64)
+        best, its = _refit(solver, final_problem, tracker.chosen_lambda.to(device), best)
         iterations += its
-        if not bool(converged.all()):
-            warnings.warn(
-                f"the refit of {int((~converged).sum())} targets stopped at max_iter={max_iter}",
-                GramConvergenceWarning,
-                stacklevel=2,
-            )
     result = LassoPathResult.from_tracker(
         tracker,
         weight=best,
@@ -356,9 +363,110 @@ def fit_gram(
     logger.info(
         "gram (%s): %d targets, %d features, %.2f s (statistics %.2f s)",
         engine,
-        t,
-        p,
+        problem.c.shape[1],
+        problem.c.shape[0],
         result.seconds,
         stats_seconds,
     )
     return result
+
+
+def _resolve_engine(engine: str, device: torch.device) -> str:
+    """``engine`` with ``"auto"`` resolved: ``"cd"`` on the CPU, ``"fista"`` elsewhere."""
+    if engine == "auto":
+        engine = "cd" if device.type == "cpu" else "fista"
+    if engine not in ("cd", "fista") or (engine == "cd" and device.type != "cpu"):
+        raise ValueError(
+            f"engine must be 'auto', 'fista', or 'cd' on the CPU; got {engine!r} on {device}"
+        )
+    return engine
+
+
+def _check_rows(
+    train_rows: Sequence[int] | np.ndarray, val_rows: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row positions as arrays, at least 2 training rows and 1 validation row."""
+    train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
+    if len(train_rows) < 2 or len(val_rows) < 1:
+        raise ValueError(
+            f"need at least 2 training rows and 1 validation row; got {len(train_rows)} and "
+            f"{len(val_rows)}"
+        )
+    return train_rows, val_rows
+
+
+def _solve_path(
+    solver: _Engine,
+    problem: CenteredProblem,
+    val: SufficientStats,
+    standardization: Standardization,
+    tracker: PathTracker,
+    *,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """Walk every target's lambda path on ``problem``, scoring each step on ``val``.
+
+    Each step solves the targets still active in ``tracker`` at their lambda of that step,
+    warm-started from their previous step, and records the training and validation MSE
+    (``tracker`` stops a target early and keeps its best step).
+
+    Returns
+    -------
+    best : float64 tensor, shape (p, t)
+        Each target's weights at its best validation step so far (zeros before any).
+    iterations : int
+        FISTA iterations or CD sweeps of the slowest target, summed over the steps.
+
+    Warns :class:`GramConvergenceWarning` (at the caller of :func:`fit_gram`) when any solve
+    stopped at ``max_iter``.
+    """
+    grid = tracker.lambdas.to(device)
+    p, t = problem.c.shape
+    weight = torch.zeros(p, t, dtype=torch.float64, device=device)
+    best = torch.zeros_like(weight)
+    iterations, unconverged = 0, 0
+    for step in range(tracker.k):
+        ids = torch.nonzero(tracker.active)[:, 0].to(device)
+        if ids.numel() == 0:
+            break
+        lam = grid[ids, step]
+        w, converged, its, train_mse = solver.solve(ids, lam, weight[:, ids])
+        w = w.to(torch.float64)
+        iterations += its
+        unconverged += int((~converged).sum())
+        weight[:, ids] = w
+        bias = problem.intercept(w, ids)  # zeros without an intercept
+        sparse = solver.name == "cd"
+        val_mse = _validation_mse(val, standardization, w, bias, ids, sparse=sparse)
+        improved = tracker.record(step, ids, train_mse, val_mse, (w != 0).sum(0))
+        improved = improved.to(device)
+        best[:, ids[improved]] = w[:, improved]
+    if unconverged:
+        warnings.warn(
+            f"{unconverged} (target, lambda) solves stopped at max_iter={solver.max_iter} "
+            f"before the duality gap reached tol={solver.tol}: raise max_iter, or loosen tol",
+            GramConvergenceWarning,
+            stacklevel=3,  # the caller of fit_gram
+        )
+    return best, iterations
+
+
+def _refit(
+    solver: _Engine, problem: CenteredProblem, lam: torch.Tensor, best: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Every target solved once more at its chosen lambda ``lam`` ``(t,)`` on ``problem``
+    (train + validation), with ``solver``'s engine and settings, warm-started from ``best``
+    float64 ``(p, t)``. Returns the float64 ``(p, t)`` weights and the iterations or sweeps
+    of the slowest target; warns :class:`GramConvergenceWarning` when some target did not
+    converge."""
+    everyone = torch.arange(problem.c.shape[1], device=best.device)
+    refitter = _Engine(solver.name, problem, solver.dtype, solver.tol, solver.max_iter)
+    best, converged, its, _ = refitter.solve(everyone, lam, best)
+    best = best.to(torch.float64)
+    if not bool(converged.all()):
+        warnings.warn(
+            f"the refit of {int((~converged).sum())} targets stopped at max_iter={solver.max_iter}",
+            GramConvergenceWarning,
+            stacklevel=3,  # the caller of fit_gram
+        )
+    return best, its

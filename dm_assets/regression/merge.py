@@ -28,10 +28,6 @@ The science layer: no dagster, no mlflow.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +35,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 
 from dm_assets.errors import DmError
-from dm_assets.regression.compute_datamodels import OUTPUT_FILES
+from dm_assets.regression.fit import FitFolder, FitFolderError
 
 # config keys that legitimately differ between slices of one regression
 _PER_SLICE_KEYS = {
@@ -115,22 +110,28 @@ class _SliceFit:
         return self.start + self.n_targets
 
 
-def _read(folder: Path) -> _SliceFit:
-    missing = [name for name in OUTPUT_FILES if not (folder / name).is_file()]
-    if missing:
-        raise MergeError(
-            [
-                f"{folder} lacks {missing}: it is not a fit folder written by write_outputs "
-                f"(those hold {list(OUTPUT_FILES)}); refit that slice"
-            ]
+def _read_all(slice_dirs: Sequence[str | Path]) -> list[_SliceFit]:
+    """The slices' fits in target order; every folder that is not a complete fit folder is
+    named at once."""
+    fits, problems = [], []
+    for d in slice_dirs:
+        try:
+            folder = FitFolder.open(d)
+        except FitFolderError as exc:
+            problems += exc.problems
+            continue
+        fits.append(
+            _SliceFit(
+                folder=folder.path,
+                weights=folder.weights(),
+                path=folder.path_table(),
+                summary=folder.summary(),
+                config=folder.config(),
+            )
         )
-    return _SliceFit(
-        folder=folder,
-        weights=torch.load(folder / "datamodels.pt", map_location="cpu"),
-        path=pd.read_csv(folder / "regularization_path.csv"),
-        summary=json.loads((folder / "summary.json").read_text()),
-        config=yaml.safe_load((folder / "config.yaml").read_text()),
-    )
+    if problems:
+        raise MergeError(problems)
+    return sorted(fits, key=lambda f: f.start)
 
 
 def _tiling_problems(fits: Sequence[_SliceFit]) -> list[str]:
@@ -250,7 +251,7 @@ def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         raise FileExistsError(
             f"out_dir={out_dir} already exists; choose a new directory (nothing is overwritten)"
         )
-    fits = sorted((_read(Path(d).resolve()) for d in slice_dirs), key=lambda f: f.start)
+    fits = _read_all(slice_dirs)
     problems = _tiling_problems(fits) + _consistency_problems(fits)
     if problems:
         raise MergeError(problems)
@@ -265,16 +266,11 @@ def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     path = pd.concat([f.path for f in fits], ignore_index=True)
     path = path.sort_values(["target", "step"], kind="stable").reset_index(drop=True)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        torch.save(weights, tmp / "datamodels.pt")
-        path.to_csv(tmp / "regularization_path.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(_summary(fits), indent=2) + "\n")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(_config(fits, out_dir), sort_keys=False))
-        os.rename(tmp, out_dir)  # fails rather than replace a directory made meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    FitFolder.write(
+        out_dir,
+        weights=weights,
+        path_table=path,
+        summary=_summary(fits),
+        config=_config(fits, out_dir),
+    )
     return out_dir

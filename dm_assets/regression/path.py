@@ -14,8 +14,19 @@ import torch
 def lambda_grid(lam_max: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     """Each target's ``k`` lambdas, geometric from ``lam_max`` down to ``eps * lam_max``.
 
-    ``lam_max`` float ``(t,)``; returns ``(t, k)`` in decreasing order along each row (``k == 1``
-    gives ``eps * lam_max`` alone).
+    Parameters
+    ----------
+    lam_max : float tensor, shape (t,)
+        Each target's ``lambda_max``, the smallest lambda at which all its weights are zero.
+    k : int
+        Lambdas per target, at least 1 (``k == 1`` gives ``eps * lam_max`` alone).
+    eps : float
+        The smallest lambda over ``lam_max``, in ``(0, 1]``.
+
+    Returns
+    -------
+    float64 tensor, shape (t, k)
+        Decreasing along each row, on ``lam_max``'s device.
     """
     if k < 1:
         raise ValueError(f"k (the number of lambdas) must be at least 1; got {k}")
@@ -41,6 +52,8 @@ class Standardization:
 
     @classmethod
     def from_sums(cls, n: int, sum_x: torch.Tensor, sum_x2: torch.Tensor) -> Standardization:
+        """The statistics of ``n`` rows from their column sums ``sum_x`` and sums of squares
+        ``sum_x2`` (float ``(p,)``)."""
         mean = sum_x.to(torch.float64) / n
         var = (sum_x2.to(torch.float64) / n - mean * mean).clamp_min(0)
         std = var.sqrt()
@@ -95,8 +108,25 @@ class PathTracker:
         val_mse: torch.Tensor,
         nonzeros: torch.Tensor,
     ) -> torch.Tensor:
-        """Record step ``step`` for ``targets`` (original target ids, int64 ``(a,)``) and return
-        which of them improved their best (bool ``(a,)``). Updates :attr:`active`."""
+        """Record one lambda step for some targets; updates :attr:`active`.
+
+        Parameters
+        ----------
+        step : int
+            The index of the lambda on the targets' grids.
+        targets : int64 tensor, shape (a,)
+            Original target ids.
+        train_mse, val_mse : float tensors, shape (a,)
+            Each target's mean squared error on the training and validation rows at its
+            weights for that lambda.
+        nonzeros : int tensor, shape (a,)
+            Each target's number of nonzero weights.
+
+        Returns
+        -------
+        bool tensor, shape (a,)
+            Which targets improved their best validation MSE.
+        """
         targets = targets.cpu()
         val = val_mse.detach().to("cpu", torch.float64)
         self.train_mse[targets, step] = train_mse.detach().to("cpu", torch.float64)
@@ -164,6 +194,8 @@ class LassoPathResult:
         solver: str,
         refit: bool,
     ) -> LassoPathResult:
+        """The result of a path walked with ``tracker``: its tables and chosen lambdas, and the
+        keyword arguments as the fields of the same names (tensors float32 on the CPU)."""
         return cls(
             weight=weight.detach().to("cpu", torch.float32),
             bias=bias.detach().to("cpu", torch.float32),

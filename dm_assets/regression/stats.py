@@ -126,7 +126,26 @@ def accumulate_stats(
     device: torch.device,
     gram: bool = True,
 ) -> SufficientStats:
-    """One pass over ``rows`` of ``source``; ``gram=False`` skips ``X^T X`` (``p x p``)."""
+    """The sums over ``rows`` of ``source`` that the LASSO path depends on, in one pass.
+
+    Parameters
+    ----------
+    source : RowSource
+        The rows: ``p`` 0/1 features, ``t`` targets.
+    rows : int array-like, shape (n,)
+        Row positions to sum over (at least one).
+    batch_size : int
+        Rows per batch (memory: ``batch_size x (p + t)`` float32 values).
+    device : torch.device
+        Where the products run and the sums live.
+    gram : bool
+        Also sum ``X^T X`` (float64 ``(p, p)``); False skips it (``xtx`` is then None).
+
+    Returns
+    -------
+    SufficientStats
+        float64 sums on ``device``.
+    """
     p, t = source.n_features, source.n_targets
 
     def zeros(*shape: int) -> torch.Tensor:

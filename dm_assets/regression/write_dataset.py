@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dm_assets.cli import EXIT_FAILED, add_flag, configure_logging, make_parser, run
-from dm_assets.regression.beton import SEED_BETON_NAME, BetonError, write_beton
+from dm_assets.regression.beton import SEED_BETON_NAME, BetonError
+from dm_assets.regression.beton_writer import write_beton
 from dm_assets.store.spec import COMPLETED_KEY
 
 

@@ -37,7 +37,13 @@ one folder per submitted array, ``slurm/<YYYYmmdd-HHMMSS>-<pid>-r<round>-a<array
 - ``task_<k>.json``: the worker's report (:func:`dm_assets.training.runner.write_report`),
   absent when the task was killed or never started.
 
-Nothing here imports dagster; :class:`dm_assets.pipeline.resources.slurm_trainer.SlurmTrainer`
+What SLURM's commands print is read by pure functions (:func:`parse_squeue`,
+:func:`parse_scontrol_tasks`, :func:`parse_sbatch_job_id`, :func:`parse_task_ids`), tested on
+recorded output. This module is the SLURM transport only: the rounds, the worker's command line
+and the reading of the workers' reports are the launcher core's
+(:mod:`dm_assets.training.launcher`), shared with :mod:`dm_assets.training.local`.
+
+Nothing here imports dagster; :class:`dm_assets.pipeline.resources.trainers.SlurmTrainer`
 wraps it.
 """
 
@@ -58,16 +64,17 @@ from pathlib import Path
 
 from dm_assets.cli import EXIT_USAGE
 from dm_assets.errors import DmError
-from dm_assets.store.store import Store
-from dm_assets.training.local import (
+from dm_assets.training.launcher import (
+    Finished,
     Progress,
     TrainingReport,
-    block_problems,
+    WorkerCommand,
+    check_arguments,
     compact_ranges,
-    log_retry,
-    skip_completed,
+    is_positive_int,
+    launcher_logs,
+    run_rounds,
 )
-from dm_assets.training.runner import IndexOutcome, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +85,6 @@ MAX_ARRAY_TASKS = 1000
 CANCEL_WAIT_SECONDS = 60.0
 # Per SLURM command: a busy controller answers slowly, a dead one never.
 COMMAND_TIMEOUT_SECONDS = 60.0
-_LOG_TAIL_LINES = 20
 # Job states after which a task never runs again (squeue's %T).
 _FINAL_STATES = frozenset(
     {
@@ -142,9 +148,7 @@ class SbatchOptions:
         out = []
         for name in ("cpus_per_task", "gpus_per_task", "max_concurrent"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and not is_positive_int(value):
                 out.append(f"sbatch.{name}: must be a positive integer or None; got {value!r}")
         if self.time_limit is not None and not re.fullmatch(
             r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", self.time_limit
@@ -177,6 +181,117 @@ class SbatchOptions:
         if self.mem:
             out.append(f"--mem={self.mem}")
         return [*out, *self.extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# What SLURM's commands print, read by pure functions
+
+
+@dataclass(frozen=True)
+class QueueLine:
+    """One line of ``squeue --noheader --format='%i %T %r'``.
+
+    ``job_id``: the job (an array's id: ``"123"`` of ``"123_4"``). ``task_ids``: the array
+    tasks the line speaks of (``[4]`` for ``123_4``, ``[4, 5, 6, 7]`` for ``123_[4-7%2]``,
+    tasks not yet started), ``None`` for a line of the job's own record (``123``). ``state``:
+    the job state (``PENDING``, ``RUNNING``, ``COMPLETED``, ...). ``reason``: why it is in that
+    state (``None``, ``JobArrayTaskLimit``, ``PartitionTimeLimit``, ``NonZeroExitCode``, ...).
+    """
+
+    job_id: str
+    task_ids: list[int] | None
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What ``scontrol --oneliner show job`` says of one array task that has a task of its own
+    (a started one: the tasks not yet started share one line, ``ArrayTaskId=5-6%2``).
+
+    ``task_id``: its index in the array. ``state``, ``reason``: its ``JobState`` and ``Reason``
+    (``None`` where the line has none). ``exit_code``: ``"<exit status>:<signal>"``, e.g.
+    ``"3:0"`` or ``"0:9"`` (killed by SIGKILL); ``""`` where the line has none.
+    """
+
+    task_id: int
+    state: str | None
+    reason: str | None
+    exit_code: str
+
+
+def parse_task_ids(text: str) -> list[int]:
+    """The task ids of squeue's task part: ``"3"``, ``"[3-5,7%2]"`` (``%2``: at most two at
+    once) as ``[3]``, ``[3, 4, 5, 7]``."""
+    body = text.strip("[]").split("%")[0]
+    ids: list[int] = []
+    for part in filter(None, body.split(",")):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids
+
+
+def parse_squeue(text: str) -> list[QueueLine]:
+    """The lines of ``squeue --noheader --format='%i %T %r'`` output (lines that are not such,
+    an id that is not ``<job>`` or ``<job>_<tasks>``, are passed over; a missing reason reads
+    ``None``)."""
+    lines = []
+    for line in text.splitlines():
+        words = line.split(maxsplit=2)
+        match = re.fullmatch(r"(\d+)(?:_(\S+))?", words[0]) if len(words) >= 2 else None
+        if match is None:
+            continue
+        task_ids = None if match[2] is None else parse_task_ids(match[2])
+        lines.append(
+            QueueLine(match[1], task_ids, words[1], words[2] if len(words) > 2 else "None")
+        )
+    return lines
+
+
+def parse_scontrol_tasks(text: str) -> list[TaskRecord]:
+    """The started array tasks of ``scontrol --oneliner show job <id>`` output (one line a
+    job record; the record of the tasks not yet started, whose ``ArrayTaskId`` is a range,
+    is passed over)."""
+    records = []
+    for line in text.splitlines():
+        fields = dict(re.findall(r"(?:^| )(ArrayTaskId|JobState|Reason|ExitCode)=(\S*)", line))
+        task_id = fields.get("ArrayTaskId", "")
+        if task_id.isdigit():
+            records.append(
+                TaskRecord(
+                    int(task_id),
+                    fields.get("JobState"),
+                    fields.get("Reason"),
+                    fields.get("ExitCode", ""),
+                )
+            )
+    return records
+
+
+def parse_sbatch_job_id(text: str) -> str:
+    """The job id from ``sbatch --parsable`` output (``"123"`` or ``"123;cluster"``); raises
+    :class:`SlurmError` when it is not one."""
+    job_id = text.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch answered {text.strip()!r}, not a job id")
+    return job_id
+
+
+def never_starts(state: str, reason: str) -> bool:
+    """Whether a task in ``state`` for ``reason`` waits for something no wait brings
+    (:data:`NEVER_STARTS_REASONS`)."""
+    return state == "PENDING" and NEVER_STARTS_REASONS.match(reason) is not None
+
+
+def describe_exit_code(exit_code: str) -> str:
+    """scontrol's ``ExitCode`` (``"3:0"``, ``"0:9"``) in words: ``"exit code 3"``, ``"killed
+    by signal 9"``."""
+    code, _, sig = exit_code.partition(":")
+    return f"killed by signal {sig}" if sig not in ("", "0") else f"exit code {code}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting, polling and cancelling job arrays
 
 
 @dataclass
@@ -224,24 +339,22 @@ class _Array:
         if task.reason and task.reason != "None":
             details.append(f"reason {task.reason}")
         if task.exit_code:
-            code, _, sig = task.exit_code.partition(":")
-            details.append(
-                f"killed by signal {sig}" if sig not in ("", "0") else f"exit code {code}"
-            )
+            details.append(describe_exit_code(task.exit_code))
         return text + (f" ({', '.join(details)})" if details else "")
 
-    def log_tail(self, task: _Task, lines: int = _LOG_TAIL_LINES) -> str:
-        path = self.log_path(task)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return f"(no log {path}: the task never started)"
-        except OSError as exc:
-            return f"(its log {path} is unreadable: {exc})"
-        tail = data.decode(errors="replace").rstrip().splitlines()[-lines:]
-        if not tail:
-            return f"(nothing in its log {path})"
-        return f"last lines of {path}:\n" + "\n".join(f"  | {line}" for line in tail)
+    def finished(self, task: _Task) -> Finished:
+        ended = self.describe(task)
+        log = self.log_path(task)
+        return Finished(
+            indices=task.indices,
+            report_path=self.report_path(task),
+            log_path=log,
+            missing_log=f"(no log {log}: the task never started)",
+            ended=ended,
+            # a usage error, or a task SLURM will never start, fails the same way every time
+            final=task.exit_code.startswith(f"{EXIT_USAGE}:") or task.never_starts,
+            note=ended,
+        )
 
 
 @dataclass(frozen=True)
@@ -281,12 +394,7 @@ class _Submitter:
     """Writes and submits job arrays: what every array of a call shares."""
 
     slurm: _Slurm
-    python: str
-    store_dir: Path
-    main_import: str
-    script_args: tuple[str, ...]
-    job_timeout: float | None
-    commit_every: float
+    command: WorkerCommand
     sbatch: SbatchOptions
     env: Mapping[str, str]
     workdir: Path
@@ -298,22 +406,7 @@ class _Submitter:
     def batch_script(self, folder: Path) -> str:
         groups = shlex.quote(str(folder / "groups.txt"))
         report = shlex.quote(str(folder)) + '/task_"$task".json'
-        command = [
-            shlex.quote(self.python),
-            "-m",
-            "dm_assets.worker",
-            '--worker.indices="$indices"',
-            shlex.quote(f"--worker.logdir={self.store_dir}"),
-            shlex.quote(f"--worker.main_import={self.main_import}"),
-            f"--worker.report={report}",
-            f"--worker.commit_every={float(self.commit_every)!r}",
-            *(
-                [f"--worker.job_timeout={float(self.job_timeout)!r}"]
-                if self.job_timeout is not None
-                else []
-            ),
-            *(shlex.quote(a) for a in self.script_args),
-        ]
+        command = self.command.argv('"$indices"', report, quote=shlex.quote)
         exports = "".join(
             f"export {key}={shlex.quote(value)}\n"
             for key, value in {"PYTHONUNBUFFERED": "1", **self.env}.items()
@@ -355,9 +448,7 @@ class _Submitter:
             *self.sbatch.args(),
             str(script),
         )
-        array.job_id = proc.stdout.strip().split(";")[0]
-        if not array.job_id.isdigit():
-            raise SlurmError(f"sbatch answered {proc.stdout.strip()!r}, not a job id")
+        array.job_id = parse_sbatch_job_id(proc.stdout)
         (folder / "job_id").write_text(array.job_id + "\n")
         logger.info(
             "round %d: SLURM job array %s, %d task(s) for %d index(es) %s; logs in %s",
@@ -371,14 +462,34 @@ class _Submitter:
         return array
 
 
-def _task_ids(text: str) -> list[int]:
-    """``"3"``, ``"[3-5,7%2]"`` as task ids."""
-    body = text.strip("[]").split("%")[0]
-    ids: list[int] = []
-    for part in filter(None, body.split(",")):
-        first, _, last = part.partition("-")
-        ids.extend(range(int(first), int(last or first) + 1))
-    return ids
+def _update_tasks(
+    arrays: Sequence[_Array], lines: Sequence[QueueLine]
+) -> tuple[set[str], list[str]]:
+    """Set the state and reason of the arrays' tasks from squeue's ``lines``; the ids of the
+    arrays with a task still pending or running, and the tasks (``<job>_<task>``) that just
+    turned out to wait for a reason no wait resolves."""
+    by_id = {a.job_id: a for a in arrays}
+    active: set[str] = set()
+    hopeless: list[str] = []
+    for line in lines:
+        array = by_id.get(line.job_id)
+        if array is None:
+            continue
+        array.seen = True
+        if line.task_ids is None:  # the array's record itself: its tasks that never started
+            ids = [t.index for t in array.tasks if t.state == "PENDING"]
+        else:
+            ids = [k for k in line.task_ids if 0 <= k < len(array.tasks)]
+        for k in ids:
+            task = array.tasks[k]
+            if not task.never_starts:
+                task.state, task.reason = line.state, line.reason
+            if never_starts(line.state, line.reason):
+                task.never_starts = True
+                hopeless.append(f"{array.job_id}_{k}")
+        if line.state not in _FINAL_STATES:
+            active.add(array.job_id)
+    return active, hopeless
 
 
 def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
@@ -399,31 +510,10 @@ def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
         if "Invalid job id" not in proc.stderr:  # a job forgotten by the controller is done
             logger.warning("squeue failed (%s); trying again", proc.stderr.strip())
             return
+        # Known defect (issue 14): with several ids of which one was purged, this drops the
+        # others' lines too, so a running array can be taken as done.
         proc.stdout = ""
-    by_id = {a.job_id: a for a in live}
-    active: set[str] = set()
-    hopeless: list[str] = []
-    for line in proc.stdout.splitlines():
-        words = line.split(maxsplit=2)
-        match = re.fullmatch(r"(\d+)(?:_(\S+))?", words[0]) if len(words) >= 2 else None
-        if match is None or match[1] not in by_id:
-            continue
-        array = by_id[match[1]]
-        array.seen = True
-        state, reason = words[1], words[2] if len(words) > 2 else "None"
-        if match[2] is None:  # the array's record itself: its tasks that never started
-            ids = [t.index for t in array.tasks if t.state == "PENDING"]
-        else:
-            ids = [k for k in _task_ids(match[2]) if 0 <= k < len(array.tasks)]
-        for k in ids:
-            task = array.tasks[k]
-            if not task.never_starts:
-                task.state, task.reason = state, reason
-            if state == "PENDING" and NEVER_STARTS_REASONS.match(reason):
-                task.never_starts = True
-                hopeless.append(f"{array.job_id}_{k}")
-        if state not in _FINAL_STATES:
-            active.add(array.job_id)
+    active, hopeless = _update_tasks(live, parse_squeue(proc.stdout))
     if hopeless:
         logger.error(
             "SLURM task(s) %s pending for a reason no wait resolves; cancelling them",
@@ -440,16 +530,14 @@ def _learn_exit_codes(slurm: _Slurm, array: _Array) -> None:
     """Each task's final state, reason and exit code from ``scontrol show job``, while the
     controller still remembers the job (``MinJobAge``, 300 s by default)."""
     proc = slurm.run("scontrol", "--oneliner", "show", "job", array.job_id, check=False)
-    for line in proc.stdout.splitlines():
-        fields = dict(re.findall(r"(?:^| )(ArrayTaskId|JobState|Reason|ExitCode)=(\S*)", line))
-        task_id = fields.get("ArrayTaskId", "")
-        if not task_id.isdigit() or not 0 <= int(task_id) < len(array.tasks):
+    for record in parse_scontrol_tasks(proc.stdout):
+        if not 0 <= record.task_id < len(array.tasks):
             continue
-        task = array.tasks[int(task_id)]
+        task = array.tasks[record.task_id]
         if not task.never_starts:
-            task.state = fields.get("JobState", task.state)
-            task.reason = fields.get("Reason", task.reason)
-        task.exit_code = fields.get("ExitCode", "")
+            task.state = record.state if record.state is not None else task.state
+            task.reason = record.reason if record.reason is not None else task.reason
+        task.exit_code = record.exit_code
 
 
 def _cancel(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
@@ -474,30 +562,47 @@ def _cancel(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
         logger.error("could not cancel SLURM job(s) %s: %s", ids, exc)
 
 
-def _check_arguments(
-    indices: Sequence[int],
-    main_import: str,
-    job_timeout: float | None,
-    retries: int,
-    commit_every: float,
-    indices_per_task: int,
-    sbatch: SbatchOptions,
-    poll: float,
-) -> list[int]:
-    """The block's indices, repeats dropped; raises ``ValueError`` listing every bad argument."""
-    block, problems = block_problems(indices, main_import, job_timeout, retries, commit_every)
-    if (
-        isinstance(indices_per_task, bool)
-        or not isinstance(indices_per_task, int)
-        or indices_per_task < 1
-    ):
-        problems.append(f"indices_per_task: must be a positive integer; got {indices_per_task!r}")
-    if not poll > 0:
-        problems.append(f"poll: must be > 0 seconds; got {poll!r}")
-    problems.extend(sbatch.problems())
-    if problems:
-        raise ValueError("train_models_slurm: " + "; ".join(problems))
-    return block
+@dataclass
+class _JobArrays:
+    """The SLURM transport: each round, job arrays of groups of ``indices_per_task`` indices,
+    polled every ``poll`` seconds until they leave the queue."""
+
+    slurm: _Slurm
+    submitter: _Submitter
+    indices_per_task: int
+    poll: float
+    cancel_event: threading.Event | None
+    arrays: list[_Array] = field(default_factory=list)  # every one submitted, in all rounds
+    doing = "submitting"
+    what = "SLURM training done"
+
+    def run_round(self, todo: list[int], round_number: int, progress: Progress) -> list[Finished]:
+        size = self.indices_per_task
+        groups = [todo[k : k + size] for k in range(0, len(todo), size)]
+        round_arrays = []
+        for m, first in enumerate(range(0, len(groups), MAX_ARRAY_TASKS)):
+            array = self.submitter.submit(groups[first : first + MAX_ARRAY_TASKS], round_number, m)
+            round_arrays.append(array)
+            self.arrays.append(array)  # at once: an interrupt must find every one
+        while True:
+            if self.cancel_event is not None and self.cancel_event.is_set():
+                raise SlurmCancelledError("training was cancelled (cancel_event set)")
+            _poll_queue(self.slurm, round_arrays)
+            if all(a.done for a in round_arrays):
+                break
+            progress.report(force=False)
+            time.sleep(self.poll)
+        finished = []
+        for array in round_arrays:
+            _learn_exit_codes(self.slurm, array)
+            for task in array.tasks:
+                if task.state != "COMPLETED":
+                    logger.warning("%s; log %s", array.describe(task), array.log_path(task))
+                finished.append(array.finished(task))
+        return finished
+
+    def stop(self) -> None:
+        _cancel(self.slurm, self.arrays)
 
 
 def train_models_slurm(
@@ -547,124 +652,46 @@ def train_models_slurm(
     :class:`SlurmCancelledError` when ``cancel_event`` is set. On any exception every job it
     submitted is cancelled (``scancel``) and waited for until it leaves the queue.
     """
-    start = time.monotonic()
     sbatch = SbatchOptions() if sbatch is None else sbatch
-    block = _check_arguments(
-        indices, main_import, job_timeout, retries, commit_every, indices_per_task, sbatch, poll
+    problems = []
+    if not is_positive_int(indices_per_task):
+        problems.append(f"indices_per_task: must be a positive integer; got {indices_per_task!r}")
+    if not poll > 0:
+        problems.append(f"poll: must be > 0 seconds; got {poll!r}")
+    problems.extend(sbatch.problems())
+    store = Path(store_dir).absolute()
+    command = WorkerCommand(python, store, main_import, script_args, job_timeout, commit_every)
+    block = check_arguments(
+        "train_models_slurm", indices, command, retries=retries, problems=problems
     )
-    store_dir = Path(store_dir).absolute()
-    logs = Path(log_dir).absolute() if log_dir is not None else store_dir / "launcher_logs"
     slurm = _Slurm({**os.environ, **(env or {})})
     submitter = _Submitter(
         slurm=slurm,
-        python=python,
-        store_dir=store_dir,
-        main_import=main_import,
-        script_args=tuple(script_args),
-        job_timeout=job_timeout,
-        commit_every=commit_every,
+        command=command,
         sbatch=sbatch,
         env=dict(env or {}),
         workdir=Path(workdir if workdir is not None else os.getcwd()).absolute(),
-        logs=logs,
+        logs=launcher_logs(store, log_dir),
     )
-    report = TrainingReport()
-    with Store.open(store_dir) as store:
-        todo = skip_completed(store, block, report)
-        # called on every poll: the poll interval is the progress interval
-        progress = Progress(on_progress, 0.0, store, block).report
-        progress()
-        arrays: list[_Array] = []
-        try:
-            while todo and report.rounds <= retries:
-                report.rounds += 1
-                groups = [
-                    todo[k : k + indices_per_task] for k in range(0, len(todo), indices_per_task)
-                ]
-                round_arrays = []
-                for m, first in enumerate(range(0, len(groups), MAX_ARRAY_TASKS)):
-                    array = submitter.submit(
-                        groups[first : first + MAX_ARRAY_TASKS], report.rounds, m
-                    )
-                    round_arrays.append(array)
-                    arrays.append(array)  # at once: an interrupt must find every one
-                report.processes += len(groups)
-                while True:
-                    if cancel_event is not None and cancel_event.is_set():
-                        raise SlurmCancelledError("training was cancelled (cancel_event set)")
-                    _poll_queue(slurm, round_arrays)
-                    if all(a.done for a in round_arrays):
-                        break
-                    progress()
-                    time.sleep(poll)
-                for array in round_arrays:
-                    _learn_exit_codes(slurm, array)
-                todo = _collect_round(store, round_arrays, report, retries)
-        except BaseException:
-            _cancel(slurm, arrays)
-            raise
-        progress()
-    return report.finish(start, "SLURM training done")
-
-
-def _collect_round(
-    store: Store, arrays: Sequence[_Array], report: TrainingReport, retries: int
-) -> list[int]:
-    """Record the round's outcomes in ``report`` (replacing what earlier rounds said of these
-    indices); the indices to run again."""
-    mask = store.completed_mask()
-    again: list[int] = []
-    for array in arrays:
-        for task in array.tasks:
-            outcomes: dict[int, IndexOutcome] = {}
-            error = None
-            exit_code = None
-            path = array.report_path(task)
-            if path.exists():
-                try:
-                    worker_report, exit_code, error = read_report(path)
-                    outcomes = {o.index: o for o in worker_report.outcomes}
-                except ValueError as exc:
-                    logger.warning("%s", exc)
-            # a usage error, or a task SLURM will never start, fails the same way every time
-            usage_error = (
-                exit_code == EXIT_USAGE
-                or task.exit_code.startswith(f"{EXIT_USAGE}:")
-                or task.never_starts
-            )
-            for i in task.indices:
-                report.failed.pop(i, None)
-                outcome = outcomes.get(i)
-                if mask[i]:
-                    if outcome is not None and outcome.status == "skipped":
-                        report.skipped.append(i)  # completed meanwhile by someone else
-                    else:
-                        report.trained.append(i)
-                        if outcome is not None and outcome.status == "trained":
-                            report.seconds_per_model[i] = outcome.seconds
-                    continue
-                if outcome is not None and outcome.status in ("failed", "timeout"):
-                    reason = outcome.message or outcome.status
-                    report.failed[i] = f"{reason} [{array.describe(task)}]"
-                else:
-                    reason = array.describe(task)
-                    if error:
-                        reason += f": {error}"
-                    report.failed[i] = f"{reason}\n{array.log_tail(task)}"
-                if not usage_error:
-                    again.append(i)
-            if task.state != "COMPLETED":
-                logger.warning("%s; log %s", array.describe(task), array.log_path(task))
-    log_retry(again, report, retries, "submitting")
-    return sorted(again)
+    transport = _JobArrays(slurm, submitter, indices_per_task, poll, cancel_event)
+    # progress on every poll: the poll interval is the progress interval
+    return run_rounds(store, block, transport, retries, on_progress, 0.0)
 
 
 __all__ = [
     "CANCEL_WAIT_SECONDS",
     "MAX_ARRAY_TASKS",
     "NEVER_STARTS_REASONS",
+    "QueueLine",
     "SbatchOptions",
     "SlurmCancelledError",
     "SlurmError",
+    "TaskRecord",
+    "describe_exit_code",
+    "never_starts",
+    "parse_sbatch_job_id",
+    "parse_scontrol_tasks",
+    "parse_squeue",
+    "parse_task_ids",
     "train_models_slurm",
 ]

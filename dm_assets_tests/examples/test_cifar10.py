@@ -115,7 +115,7 @@ def test_fake_batches_have_the_official_format(cifar_dir: Path, tmp_path: Path) 
 
 def test_convert_round_trip_through_ffcv_loader(cifar_dir: Path, betons: dict[str, Path]) -> None:
     """Every pixel and label read back by FFCV's own Loader equals the source's."""
-    from dm_assets.regression.beton import _ffcv
+    from dm_assets.regression.ffcv_glue import ffcv_classes as _ffcv
 
     ffcv = _ffcv()
     from ffcv.fields.decoders import SimpleRGBImageDecoder

@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dm_assets.regression import beton as beton_module
-from dm_assets.regression.beton import (
-    BetonError,
-    BetonSource,
-    beton_info,
-    write_beton,
-)
+from dm_assets.regression import beton_plan, beton_writer
+from dm_assets.regression.beton import BetonError
+from dm_assets.regression.beton_reader import BetonSource, beton_info
+from dm_assets.regression.beton_writer import write_beton
 from dm_assets.regression.data import Batch, RowSource
+from dm_assets.regression.ffcv_glue import ffcv_classes
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store
 
@@ -217,7 +215,7 @@ def test_rows_are_checked(source: BetonSource) -> None:
 def test_failed_batch_raises_instead_of_hanging(
     source: BetonSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    guarded = beton_module._ffcv().GuardedEpochIterator
+    guarded = ffcv_classes().GuardedEpochIterator
 
     def broken(self: object, *args: object, **kwargs: object) -> None:
         raise OSError("disk went away")
@@ -345,7 +343,7 @@ def test_a_full_disk_is_reported_before_writing(
 ) -> None:
     make_store(tmp_path / "store", completed=np.array([0, 2]))
     monkeypatch.setattr(
-        beton_module.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000)
+        beton_writer.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000)
     )
     with pytest.raises(BetonError, match=r"needs about 0\.02 GiB but .* has 0\.00 GiB free"):
         write_beton(tmp_path / "store", tmp_path / "out.beton")
@@ -400,7 +398,7 @@ def test_failure_in_the_main_process_leaves_no_partial_file(
     def broken(self: object, allocations: object) -> None:
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(beton_module._ffcv().GuardedWriter, "finalize", broken)
+    monkeypatch.setattr(ffcv_classes().GuardedWriter, "finalize", broken)
     with pytest.raises(OSError, match="no space left"):
         write_beton(small_store, tmp_path / "out.beton", num_workers=2)
     assert_only_old_file(tmp_path)
@@ -411,14 +409,14 @@ def test_writer_process_death_fails_instead_of_hanging(
     tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "out.beton").write_bytes(b"the previous dataset")
-    original = beton_module._StoreRows.__getitem__
+    original = beton_plan.StoreRows.__getitem__
 
-    def broken(self: beton_module._StoreRows, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def broken(self: beton_plan.StoreRows, i: int) -> tuple[np.ndarray, np.ndarray, int]:
         if i == 102:  # in a forked writer process, in the second chunk
             raise OSError("no space left on device")
         return original(self, i)
 
-    monkeypatch.setattr(beton_module._StoreRows, "__getitem__", broken)
+    monkeypatch.setattr(beton_plan.StoreRows, "__getitem__", broken)
     with pytest.raises(BetonError, match="writer process exited with code 1"):
         write_beton(small_store, tmp_path / "out.beton", num_workers=2)
     assert_only_old_file(tmp_path)

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from dm_assets.regression.compute_datamodels import OUTPUT_FILES, compute_datamodels, write_outputs
+from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
 from dm_assets.regression.config import load_config
 from dm_assets.regression.data import ArraySource
+from dm_assets.regression.fit import FIT_FILES
 from dm_assets.regression.merge import MergeError, merge_fits, target_slices
 from dm_assets_tests.helpers import Problem, planted_problem
 
@@ -66,7 +67,7 @@ def test_merged_slices_equal_one_fit_of_every_target(tmp_path: Path, planted: Pr
         fit_targets(planted, tmp_path / f"slice{a}", a, b) for a, b in ((4, 7), (0, 2), (2, 4))
     ]
     merged = merge_fits(parts, tmp_path / "merged")
-    assert sorted(p.name for p in merged.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in merged.iterdir()) == sorted(FIT_FILES)
 
     expected = torch.load(whole / "datamodels.pt")
     got = torch.load(merged / "datamodels.pt")
@@ -127,7 +128,7 @@ def test_merge_refuses_slices_of_different_training_models(
     # equal counts and configs, but other column statistics (another dataset's first rows)
     c = tmp_path / "c"
     c.mkdir()
-    for name in OUTPUT_FILES:
+    for name in FIT_FILES:
         (c / name).write_bytes((a / name).read_bytes())
     config = yaml.safe_load((a / "config.yaml").read_text())
     config["data"]["target_start_ind"], config["data"]["target_end_ind"] = 2, 4

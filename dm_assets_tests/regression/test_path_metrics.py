@@ -1,4 +1,5 @@
-"""path_metrics: per-step statistics of a regularization path, checked by hand, and its plot."""
+"""path_metrics: per-step statistics of a regularization path, checked by hand (its plot:
+dm_assets_tests/evaluation/test_figures.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dm_assets.regression.path_metrics import STEP_METRIC_COLUMNS, plot_path, step_metrics
-from dm_assets_tests.helpers import PNG_SIGNATURE, write_small_fit
+from dm_assets.regression.path_metrics import STEP_METRIC_COLUMNS, step_metrics
+from dm_assets_tests.helpers import write_small_fit
 
 
 def hand_table() -> pd.DataFrame:
@@ -86,27 +87,3 @@ def test_bad_tables_are_named() -> None:
         step_metrics(pd.concat([table, table]), n_targets=4)
     with pytest.raises(TypeError, match="table must be a pandas DataFrame"):
         step_metrics(table.to_dict(), n_targets=4)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen'\]"):
-        plot_path(table.drop(columns="chosen"), Path("never-written.png"))
-    assert not Path("never-written.png").exists()
-
-
-@pytest.mark.parametrize("n_targets", [3, 70])
-def test_plot_writes_a_png(tmp_path: Path, n_targets: int) -> None:
-    import matplotlib.pyplot as plt
-
-    figures_before = plt.get_fignums()
-    out = write_small_fit(tmp_path / "fit", n_targets=n_targets)
-    table = pd.read_csv(out / "regularization_path.csv")
-    png = plot_path(table, tmp_path / "plots" / "path.png", title="demo fit")
-    assert png == tmp_path / "plots" / "path.png"
-    data = png.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
-    assert plt.get_fignums() == figures_before  # no pyplot figure left open
-
-
-def test_plot_of_the_hand_table(tmp_path: Path) -> None:
-    png = plot_path(hand_table(), tmp_path / "hand.png")
-    assert png.read_bytes().startswith(PNG_SIGNATURE)
-    with pytest.raises(ValueError, match="no rows"):
-        plot_path(hand_table().iloc[:0], tmp_path / "empty.png")

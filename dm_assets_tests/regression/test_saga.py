@@ -11,7 +11,6 @@ less, the duality gap being a loose bound).
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -22,13 +21,9 @@ from sklearn.linear_model import Lasso, lasso_path
 
 from dm_assets.regression.data import ArraySource
 from dm_assets.regression.path import LassoPathResult
-from dm_assets.regression.saga import (
-    CACHE_BYTES,
-    SagaConvergenceWarning,
-    SagaDivergedError,
-    fit_saga,
-    saga_fixed_lambda,
-)
+from dm_assets.regression.saga import fit_saga, saga_fixed_lambda
+from dm_assets.regression.saga_driver import SagaConvergenceWarning, SagaDivergedError
+from dm_assets.regression.saga_rows import CACHE_BYTES
 from dm_assets.regression.stats import accumulate_stats
 from dm_assets_tests.helpers import Problem, planted_problem, standardize
 
@@ -235,35 +230,33 @@ def test_lambda_max_is_exact_and_path_starts_at_zero(seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def planted_fit() -> tuple[LassoPathResult, Problem, float]:
+def planted_fit() -> tuple[LassoPathResult, Problem]:
     """Datamodels-shaped: 2800 training, 600 validation models, 200 examples, 6 targets with
     10 nonzero weights each, noise half the signal's standard deviation."""
     prob = planted_problem(n=4000, p=200, t=6, seed=11)
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error", SagaConvergenceWarning)  # lr=None converges untuned
         res = fit_saga(
             ArraySource(prob.x, prob.y), prob.train, prob.val, k=40, eps=1e-3, batch_size=256
         )
-    return res, prob, time.perf_counter() - start
+    return res, prob
 
 
-def test_planted_weights_recovered(planted_fit: tuple[LassoPathResult, Problem, float]) -> None:
-    res, prob, seconds = planted_fit
+def test_planted_weights_recovered(planted_fit: tuple[LassoPathResult, Problem]) -> None:
+    res, prob = planted_fit
     assert res.refit and res.solver == "saga" and res.weight.shape == (200, 6)
     assert (res.n_train, res.n_val) == (2800, 600)
     assert cosine(res.weight.numpy(), prob.w * res.std.numpy()[:, None]).min() >= 0.95
     assert res.info["capped_fits"] == 0 and res.info["epochs_per_lambda_max"] < 50
-    assert seconds < 30
     # the gap estimate sends a target to its exact check about once per lambda
     walked = int((~res.val_mse.isnan()).sum())
     assert res.info["checked_targets"] <= 1.5 * walked
 
 
 def test_validation_choice_matches_sklearn_path(
-    planted_fit: tuple[LassoPathResult, Problem, float],
+    planted_fit: tuple[LassoPathResult, Problem],
 ) -> None:
-    res, prob, _ = planted_fit
+    res, prob = planted_fit
     train, val = prob.train, prob.val
     x_std, _, _ = standardize(prob.x, train)
     y_bar = prob.y[train].mean(0)
@@ -284,9 +277,9 @@ def test_validation_choice_matches_sklearn_path(
 
 
 def test_refit_solves_train_plus_validation(
-    planted_fit: tuple[LassoPathResult, Problem, float],
+    planted_fit: tuple[LassoPathResult, Problem],
 ) -> None:
-    res, prob, _ = planted_fit
+    res, prob = planted_fit
     rows = np.concatenate([prob.train, prob.val])
     x_std, _, _ = standardize(prob.x, prob.train)  # the training standardization throughout
     np.testing.assert_allclose(res.mean.numpy(), prob.x[prob.train].mean(0), rtol=1e-6)
@@ -301,10 +294,9 @@ def test_refit_solves_train_plus_validation(
 def test_divergence_raises_promptly_and_the_epoch_cap_warns() -> None:
     prob = planted_problem(n=1000, p=100, t=2, seed=4)
     src = ArraySource(prob.x, prob.y)
-    start = time.perf_counter()
-    with pytest.raises(SagaDivergedError, match=r"lr=1e\+03.*Lower lr"):
+    # promptly: in the first epoch that takes a step (the first one only checks)
+    with pytest.raises(SagaDivergedError, match=r"after 1 epoch\(s\) .*lr=1e\+03.*Lower lr"):
         fit_saga(src, prob.train, prob.val, k=5, eps=0.1, batch_size=64, lr=1e3)
-    assert time.perf_counter() - start < 5
     with pytest.warns(SagaConvergenceWarning, match=r"max_epochs=1 .*Raise max_epochs"):
         fit_saga(src, prob.train, prob.val, k=5, eps=0.1, batch_size=64, max_epochs=1)
 

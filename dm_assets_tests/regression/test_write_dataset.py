@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dm_assets.regression.beton import SEED_BETON_NAME, beton_info
+from dm_assets.regression.beton import SEED_BETON_NAME
+from dm_assets.regression.beton_reader import beton_info
 from dm_assets.regression.write_dataset import main
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store

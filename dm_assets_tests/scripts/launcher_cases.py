@@ -1,4 +1,4 @@
-"""A training script for the launcher tests (``dm_assets.training.local``): it fails, crashes or
+"""A training script for the launcher tests (the local and SLURM launchers): it fails, crashes or
 sleeps for chosen indices, and records which process and device slot trained each model.
 
 Spec: ``value`` float64 (``index * 1.5``) and ``pid`` int64 (the worker process). Each model's

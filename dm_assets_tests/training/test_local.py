@@ -1,11 +1,11 @@
 """train_models: worker processes per leased device, skipping, retries, crashes, progress, and
-nothing left running after an interruption. Real processes throughout (the script is tiny)."""
+nothing left running after an interruption. Real processes throughout (the script is tiny).
+The launcher core's pure parts are tested in test_launcher.py; how fast an interrupted call
+stops is measured in benchmarks/fanout_bench.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,7 @@ import pytest
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store, StoreError
 from dm_assets.training.devices import DeviceLease, DeviceSlots, detect_devices
-from dm_assets.training.local import TrainingReport, compact_ranges, split_contiguous, train_models
-from dm_assets.training.runner import parse_indices
+from dm_assets.training.local import split_contiguous, train_models
 from dm_assets_tests.helpers import dead, wait_dead
 from dm_assets_tests.scripts import launcher_cases
 
@@ -57,17 +56,10 @@ def assert_values(store_dir: Path, indices) -> None:
             assert values[i] == launcher_cases.expected_value(i)
 
 
-def test_compact_ranges_round_trip() -> None:
-    assert compact_ranges([0, 1, 2, 3, 4, 7, 9, 10]) == "0-4,7,9-10"
-    assert compact_ranges([]) == ""
-    assert compact_ranges([5, 3, 4, 4, 6]) == "5,3-4,6"
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        x = rng.choice(60, size=rng.integers(1, 40), replace=False).tolist()
-        assert parse_indices(compact_ranges(x)) == x
-        assert parse_indices(compact_ranges(sorted(x))) == sorted(x)
+def test_split_contiguous() -> None:
     assert split_contiguous(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_contiguous([4], 3) == [[4]]
+    assert split_contiguous([], 3) == []
 
 
 def test_trains_every_index_one_process_per_device(store_dir: Path, lease, tmp_path) -> None:
@@ -167,7 +159,6 @@ def test_interrupted_leaves_no_process_running(store_dir: Path, lease, tmp_path)
         if len(list(pids_dir.iterdir())) >= 4:  # two workers and their grandchildren started
             raise StopError
 
-    start = time.monotonic()
     with pytest.raises(StopError):
         train(
             store_dir,
@@ -179,13 +170,12 @@ def test_interrupted_leaves_no_process_running(store_dir: Path, lease, tmp_path)
             on_progress=on_progress,
             progress_every=0.05,
         )
-    assert time.monotonic() - start < 15
     pids = [int(p.name) for p in pids_dir.iterdir()]
     assert len(pids) == 4
     for pid in pids:
         wait_dead(pid, timeout=2)
     assert all(dead(pid) for pid in pids)
-    assert stored(store_dir)[0] == []
+    assert stored(store_dir)[0] == []  # ended, not waited for: each model sleeps 30 s
     # and the slots are free again
     lease.release()
     lease.slots.acquire(2, min_count=2, timeout=2).release()
@@ -209,13 +199,3 @@ def test_bad_arguments(store_dir: Path, lease) -> None:
     lease.release()
     with pytest.raises(ValueError, match="already released"):
         train_models(store_dir, [0], main_import=SCRIPT, lease=lease)
-
-
-def test_report_summary() -> None:
-    report = TrainingReport(
-        trained=[1], failed={2: "boom\nmore"}, seconds_per_model={1: 0.5}, rounds=2
-    )
-    text = report.summary()
-    assert text.splitlines()[1] == "  index 2: boom"
-    assert "0.50 s per model" in text and not report.ok
-    assert os.linesep == "\n"

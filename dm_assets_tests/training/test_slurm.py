@@ -1,29 +1,25 @@
-"""train_models_slurm and SlurmTrainer against a real single-node SLURM cluster (see
-conftest.py): job arrays of groups of indices, a killed task retried, a failing index named with
-SLURM's word on it, and every job cancelled when the launcher is interrupted."""
+"""train_models_slurm against a real single-node SLURM cluster (see conftest.py): job arrays of
+groups of indices, a killed task retried, a failing index named with SLURM's word on it, and
+every job cancelled when the launcher is interrupted. What SLURM's commands print is parsed in
+test_slurm_parsing.py on recorded text; the SlurmTrainer resource is tested with the asset graph
+(pipeline/assets/test_slurm_graph.py)."""
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 import time
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pytest
-import yaml
 
-from dm_assets.pipeline.experiment import ExperimentPaths, load_experiment
-from dm_assets.pipeline.resources.slurm_trainer import SlurmTrainer
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store
 from dm_assets.training.slurm import (
     SbatchOptions,
     SlurmCancelledError,
     SlurmError,
-    _task_ids,
     train_models_slurm,
 )
 from dm_assets_tests.helpers import dead, wait_dead
@@ -97,8 +93,6 @@ def test_arguments_checked_at_once(store_dir: Path) -> None:
         assert f"{name}:" in text
     for name in ("time_limit", "cpus_per_task", "mem"):
         assert f"sbatch.{name}:" in text
-    assert _task_ids("7") == [7]
-    assert _task_ids("[3-5,9%2]") == [3, 4, 5, 9]
     args = SbatchOptions(partition="gpu", gpus_per_task=1, mem="8G", extra=("--qos=low",)).args()
     assert args == [
         "--job-name=dm_assets",
@@ -240,52 +234,3 @@ def test_interrupted_cancels_every_job(
     assert all(dead(pid) for pid in pids)
     with Store.open(store_dir) as store:
         assert store.status().completed == 0
-
-
-@pytest.mark.slurm
-def test_slurm_trainer_resource(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
-    source = tmp_path / "slurm_case.yaml"
-    source.write_text(
-        yaml.safe_dump(
-            {
-                "name": "slurm_case",
-                "spec": launcher_cases.SPEC,
-                "trainer": {
-                    "main_import": SCRIPT,
-                    "args": ["--case.flaky=2"],
-                    "retries": 1,
-                    "commit_every": 0,
-                },
-                "models_per_partition": 5,
-            }
-        )
-    )
-    experiment = load_experiment(source)
-    paths = ExperimentPaths(tmp_path / "home" / "slurm_case")
-    Store.initialize(paths.store, experiment.spec).close()
-    trainer = SlurmTrainer(indices_per_task=3, poll_seconds=0.3, env=slurm_cluster.env)
-    progress: list[tuple[int, int]] = []
-
-    @dg.asset
-    def trained(context, trainer: SlurmTrainer) -> dg.MaterializeResult:
-        report = trainer.train(
-            experiment,
-            paths,
-            range(5, 10),
-            log=context.log,
-            on_progress=lambda done, total: progress.append((done, total)),
-        )
-        return dg.MaterializeResult(
-            metadata={"trained": report.trained, "failed": len(report.failed)}
-        )
-
-    result = dg.materialize([trained], resources={"trainer": trainer})
-    assert result.success
-    (event,) = result.get_asset_materialization_events()
-    metadata = event.materialization.metadata
-    assert metadata["trained"].value == [5, 6, 7, 8, 9] and metadata["failed"].value == 0
-    assert progress[0] == (0, 5) and progress[-1] == (5, 5)
-    report = trainer.train(experiment, paths, range(0, 5), log=logging.getLogger("test"))
-    assert report.ok and report.rounds == 2  # 2 is flaky: fails once, then trained
-    assert_values(paths.store, range(10))
-    assert (paths.launcher_logs / "slurm").is_dir()

@@ -246,7 +246,7 @@ def verify_image_beton(path: str | os.PathLike[str], split: CifarSplit) -> None:
     """Raise :class:`CifarError` unless the dataset at ``path`` holds exactly ``split``: the
     fields ``image`` (raw RGB, 32 x 32) and ``label``, and every pixel and label equal. Reads
     the stored bytes directly (not through FFCV's decoders)."""
-    from dm_assets.regression.beton import _ffcv
+    from dm_assets.regression.ffcv_glue import ffcv_classes as _ffcv
 
     path = Path(path)
     reader = _ffcv().Reader(str(path))  # FFCV imported with torch's thread count kept
@@ -284,7 +284,7 @@ def write_image_beton(
     """Write ``split`` to ``path`` as an FFCV dataset (fields ``image``, raw RGB, and
     ``label``), atomically: under a temporary name, checked against ``split`` byte for byte,
     fsynced, then renamed over ``path``. ``num_workers`` writer processes. Returns ``path``."""
-    from dm_assets.regression.beton import _ffcv
+    from dm_assets.regression.ffcv_glue import ffcv_classes as _ffcv
 
     path = Path(path)
     needed = len(split) * (_PIXELS + 64) + 4 * _PAGE_SIZE

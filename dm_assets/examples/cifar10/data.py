@@ -41,19 +41,19 @@ class DatasetError(DmError, ValueError):
 
 def _ffcv() -> Any:
     """FFCV, imported with torch's thread count kept (the repository's FFCV glue)."""
-    from dm_assets.regression.beton import _ffcv as regression_ffcv
+    from dm_assets.regression.ffcv_glue import ffcv_classes as regression_ffcv
 
     return regression_ffcv()
 
 
 def _thread_guard() -> Any:
-    from dm_assets.regression.beton import _KeepThreadCounts
+    from dm_assets.regression.ffcv_glue import KeepThreadCounts as _KeepThreadCounts
 
     return _KeepThreadCounts()
 
 
 def _restore_threads(guard: Any) -> None:
-    from dm_assets.regression.beton import _restore_thread_counts
+    from dm_assets.regression.ffcv_glue import restore_thread_counts as _restore_thread_counts
 
     _restore_thread_counts(guard.torch_threads, guard.numba_threads)
 

@@ -28,19 +28,17 @@ partitioning only, so it is left out of the experiment's jobs (``<name>_all`` se
 ``<name>``); backfill it from the UI or ``dagster asset materialize``, then run ``<name>_fit``.
 """
 
-import json
 import time
 import warnings
 from pathlib import Path
 
 import dagster as dg
 
-from dm_assets.pipeline.assets.datamodels import (
+from dm_assets.pipeline.assets.fit_steps import (
     datamodels_check_specs,
     datamodels_results,
     fit_id,
-    fit_into,
-    point_link,
+    fit_on_a_device_slot,
     run_tags,
 )
 from dm_assets.pipeline.experiment import Experiment, RegressionSettings
@@ -67,9 +65,59 @@ def experiment_slices(experiment: Experiment, regression: RegressionSettings) ->
     return experiment.target_slices()
 
 
-def slices_root(experiment: Experiment, home: str | Path | None) -> Path:
-    """``$DM_HOME/<name>/slices``: one folder per slice key."""
-    return experiment.paths(home).root / "slices"
+def _slice_metadata(
+    slices: dict[str, TargetSlice], fitted: list[tuple[str, Path, dict, float, str | None]]
+) -> "dict[str, dg.RawMetadataValue]":
+    """The metadata of a run of ``<name>/datamodel_slices``: the fit's numbers for one slice,
+    totals and a table of the fits for several."""
+    if len(fitted) == 1:
+        key, fit_dir, summary, seconds, run_id = fitted[0]
+        meta: dict[str, dg.RawMetadataValue] = {
+            "fit_dir": dg.MetadataValue.path(str(fit_dir)),
+            "first_target": slices[key].start,
+            "targets": slices[key].end - slices[key].start,
+            "features": int(summary["n_features"]),
+            "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
+            "mean_nonzeros": float(summary["mean_nonzeros"]),
+            "mean_val_r2": float(summary["mean_val_r2"]),
+            "seconds": seconds,
+            "solver": str(summary["solver"]),
+            "device": str(summary["device"]),
+        }
+        if run_id is not None:
+            meta["mlflow_run_id"] = run_id
+        return meta
+    return {
+        "slices_fitted": len(fitted),
+        "targets": sum(slices[f[0]].end - slices[f[0]].start for f in fitted),
+        "seconds": sum(f[3] for f in fitted),
+        "fits": dg.MetadataValue.md(
+            "| slice | fit folder | mean validation R^2 | device | seconds |\n"
+            "|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {key} | {fit_dir} | {summary['mean_val_r2']:.3f} | "
+                f"{summary['device']} | {seconds:.1f} |"
+                for key, fit_dir, summary, seconds, _ in fitted
+            )
+        ),
+    }
+
+
+def _nest_slice_runs(
+    context: dg.AssetExecutionContext,
+    tracking: MlflowTracking,
+    name: str,
+    slice_dirs: dict[str, Path],
+    merge_run: str,
+) -> None:
+    """Make the MLflow run of the merge the parent of the runs that logged its slices' fits."""
+    client = tracking.client()
+    for key, folder in slice_dirs.items():
+        slice_run = tracking.find_fit_run(name, folder)
+        if slice_run is None:
+            context.log.warning("no MLflow run logged the fit of slice %s", key)
+        else:
+            client.set_tag(slice_run, "mlflow.parentRunId", merge_run)
 
 
 def slice_assets(
@@ -110,23 +158,20 @@ def slice_assets(
         devices: DeviceSlotsResource,
         tracking: MlflowTracking,
     ) -> dg.MaterializeResult:
+        from dm_assets.regression.fit_run import configure_fit
 
+        paths = experiment.paths(home.path or None)
         # one slice per run is the way to fit in parallel (a backfill makes one run per
         # slice); a run given a range fits its slices one after the other
         fitted = []
         for key in context.partition_keys:
             target_slice = slices[key]
-            slice_dir = slices_root(experiment, home.path or None) / key
-            fit_dir = slice_dir / fit_id(context)
-            config = regression.config(
-                data_path=experiment.paths(home.path or None).beton, out_dir=fit_dir
+            fit_dir = paths.slices / key / fit_id(context)
+            config = configure_fit(
+                regression.config(data_path=paths.beton, out_dir=fit_dir), targets=target_slice
             )
-            values = config.to_dict()
-            values["data"]["target_start_ind"] = target_slice.start
-            values["data"]["target_end_ind"] = target_slice.end
-            config = type(config)(values=values, source=config.source)
-            fit, config, seconds = fit_into(
-                context, experiment, devices, config, fit_dir, slice_dir / LATEST
+            run, seconds = fit_on_a_device_slot(
+                context, experiment, devices, config, fit_dir, paths.slices / key / LATEST
             )
             run_id = tracking.log_regression(
                 experiment=name,
@@ -138,41 +183,9 @@ def slice_assets(
                     "dm_assets.targets": f"{target_slice.start}-{target_slice.end - 1}",
                 },
             )
-            fitted.append((key, fit_dir, fit.summary, seconds, run_id))
+            fitted.append((key, fit_dir, run.fit.summary, seconds, run_id))
             context.log.info("slice %s: %s in %.1f s", key, fit_dir, seconds)
-        if len(fitted) == 1:
-            key, fit_dir, summary, seconds, run_id = fitted[0]
-            meta: dict[str, dg.RawMetadataValue] = {
-                "fit_dir": dg.MetadataValue.path(str(fit_dir)),
-                "first_target": slices[key].start,
-                "targets": slices[key].end - slices[key].start,
-                "features": int(summary["n_features"]),
-                "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
-                "mean_nonzeros": float(summary["mean_nonzeros"]),
-                "mean_val_r2": float(summary["mean_val_r2"]),
-                "seconds": seconds,
-                "solver": str(summary["solver"]),
-                "device": str(summary["device"]),
-            }
-            if run_id is not None:
-                meta["mlflow_run_id"] = run_id
-            return dg.MaterializeResult(metadata=meta)
-        return dg.MaterializeResult(
-            metadata={
-                "slices_fitted": len(fitted),
-                "targets": sum(slices[f[0]].end - slices[f[0]].start for f in fitted),
-                "seconds": sum(f[3] for f in fitted),
-                "fits": dg.MetadataValue.md(
-                    "| slice | fit folder | mean validation R^2 | device | seconds |\n"
-                    "|---|---|---|---|---|\n"
-                    + "\n".join(
-                        f"| {key} | {fit_dir} | {summary['mean_val_r2']:.3f} | "
-                        f"{summary['device']} | {seconds:.1f} |"
-                        for key, fit_dir, summary, seconds, _ in fitted
-                    )
-                ),
-            }
-        )
+        return dg.MaterializeResult(metadata=_slice_metadata(slices, fitted))
 
     @dg.asset(
         key=datamodels_key,
@@ -186,23 +199,24 @@ def slice_assets(
         check_specs=datamodels_check_specs(datamodels_key, min_r2),
     )
     def datamodels(context: dg.AssetExecutionContext, home: HomeResource, tracking: MlflowTracking):
-        import torch
+        from dm_assets.regression.fit import FitFolder
 
         started = time.perf_counter()
-        root = slices_root(experiment, home.path or None)
-        missing = [key for key in slices if not (root / key / LATEST).exists()]
+        paths = experiment.paths(home.path or None)
+        missing = [key for key in slices if not (paths.slices / key / LATEST).exists()]
         if missing:
             raise dg.Failure(
-                description=f"no fit yet of slice(s) {missing} of {name!r} (under {root}): "
-                f"materialize those partitions of {slices_key.to_user_string()} first"
+                description=f"no fit yet of slice(s) {missing} of {name!r} (under "
+                f"{paths.slices}): materialize those partitions of "
+                f"{slices_key.to_user_string()} first"
             )
-        slice_dirs = {key: (root / key / LATEST).resolve() for key in slices}
-        fit_dir = experiment.paths(home.path or None).fits / fit_id(context)
+        slice_dirs = {key: (paths.slices / key / LATEST).resolve() for key in slices}
+        fit_dir = paths.fits / fit_id(context)
         try:
             merge_fits(list(slice_dirs.values()), fit_dir)
         except MergeError as exc:
             raise dg.Failure(description=str(exc)) from exc
-        point_link(experiment.paths(home.path or None).datamodels, fit_dir)
+        FitFolder.open(fit_dir).point_link(paths.datamodels)
         context.log.info("merged %d slices into %s", len(slice_dirs), fit_dir)
 
         run_id = tracking.log_regression(
@@ -213,23 +227,17 @@ def slice_assets(
             params={f"slices.{key}": folder.name for key, folder in slice_dirs.items()},
         )
         if run_id is not None:
-            client = tracking.client()
-            for key, folder in slice_dirs.items():
-                slice_run = tracking.find_fit_run(name, folder)
-                if slice_run is None:
-                    context.log.warning("no MLflow run logged the fit of slice %s", key)
-                else:
-                    client.set_tag(slice_run, "mlflow.parentRunId", run_id)
-        summary = json.loads((fit_dir / "summary.json").read_text())
+            _nest_slice_runs(context, tracking, name, slice_dirs, run_id)
         yield from datamodels_results(
-            weights=torch.load(fit_dir / "datamodels.pt"),
-            summary=summary,
-            fit_dir=fit_dir,
+            fit_dir,
             seconds=time.perf_counter() - started,
             run_id=run_id,
             tracking=tracking,
             min_r2=min_r2,
-            extra={"slices": len(slice_dirs), "fit_seconds": float(summary["seconds"])},
+            extra={
+                "slices": len(slice_dirs),
+                "fit_seconds": float(FitFolder.open(fit_dir).summary()["seconds"]),
+            },
         )
 
     return [datamodel_slices, datamodels]

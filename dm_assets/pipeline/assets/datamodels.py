@@ -3,168 +3,22 @@ completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tra
 ``regression.targets_per_slice`` the fit is split by targets (see
 :mod:`dm_assets.pipeline.assets.datamodel_slices`) and ``<name>/datamodels`` merges the slices."""
 
-import datetime as dt
-import math
-import os
-import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import dagster as dg
 import numpy as np
 
+from dm_assets.pipeline.assets.datamodel_slices import slice_assets
+from dm_assets.pipeline.assets.fit_steps import (
+    datamodels_check_specs,
+    datamodels_results,
+    fit_id,
+    fit_on_a_device_slot,
+    run_tags,
+)
 from dm_assets.pipeline.experiment import Experiment, RegressionSettings
 from dm_assets.pipeline.resources.device_slots import GPU_POOL, DeviceSlotsResource
 from dm_assets.pipeline.resources.experiment_home import HomeResource
 from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
-from dm_assets.regression.config import ConfigError
 from dm_assets.store.store import Store, StoreError
-
-if TYPE_CHECKING:
-    import torch
-
-    from dm_assets.regression.compute_datamodels import Datamodels
-    from dm_assets.regression.config import RegressionConfig
-
-
-def point_link(link: Path, target: Path) -> None:
-    """Make ``link`` point at ``target`` (relative), replacing an older link atomically."""
-    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
-
-
-def fit_id(context: dg.AssetExecutionContext) -> str:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{context.run.run_id[:8]}"
-
-
-def fit_on_a_device_slot(
-    context: dg.AssetExecutionContext,
-    experiment: Experiment,
-    devices: DeviceSlotsResource,
-    config: "RegressionConfig",
-) -> tuple["Datamodels", "RegressionConfig"]:
-    """Fit ``config`` holding one of the experiment's device slots (``cfg.device: auto`` then
-    means that slot's device); returns the fit and the config with the device it used."""
-    from dm_assets.regression.beton import BetonError
-    from dm_assets.regression.compute_datamodels import compute_datamodels
-
-    with devices.acquire(
-        experiment.devices,
-        max_count=1,
-        on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
-    ) as lease:
-        device = lease.devices[0]
-        values = config.to_dict()
-        if values["cfg"]["device"] == "auto":
-            # the leased slot decides which device this process fits on
-            values["cfg"]["device"] = f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
-            config = type(config)(values=values, source=config.source)
-        context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
-        try:
-            return compute_datamodels(config), config
-        except (ConfigError, BetonError) as exc:
-            raise dg.Failure(description=str(exc)) from exc
-
-
-def fit_into(
-    context: dg.AssetExecutionContext,
-    experiment: Experiment,
-    devices: DeviceSlotsResource,
-    config: "RegressionConfig",
-    fit_dir: Path,
-    link: Path,
-) -> tuple["Datamodels", "RegressionConfig", float]:
-    """Fit ``config`` on a device slot (:func:`fit_on_a_device_slot`), write the fit folder
-    ``fit_dir`` and point ``link`` at it; the fit, the config it used and the seconds taken."""
-    from dm_assets.regression.compute_datamodels import write_outputs
-
-    started = time.perf_counter()
-    fit, config = fit_on_a_device_slot(context, experiment, devices, config)
-    write_outputs(fit, fit_dir, config)
-    point_link(link, fit_dir)
-    return fit, config, time.perf_counter() - started
-
-
-def run_tags(
-    context: dg.AssetExecutionContext, asset_key: dg.AssetKey, partition: str, experiment: str
-) -> dict[str, str]:
-    """The tags linking an MLflow run to the Dagster run, asset and partition that made it."""
-    return {
-        "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": asset_key.to_user_string(),
-        "dagster.partition": partition,
-        "dm_assets.experiment": experiment,
-    }
-
-
-def datamodels_check_specs(key: dg.AssetKey, min_r2: float | None) -> list[dg.AssetCheckSpec]:
-    """The checks of ``<name>/datamodels``: finite weights, mean validation R^2 floor."""
-    floor_text = "none" if min_r2 is None else f"{min_r2:g}"
-    return [
-        dg.AssetCheckSpec(
-            "finite_weights",
-            asset=key,
-            description="Every weight, bias and chosen lambda is finite.",
-        ),
-        dg.AssetCheckSpec(
-            "mean_val_r2_floor",
-            asset=key,
-            description=f"Mean validation R^2 over targets at least {floor_text}.",
-        ),
-    ]
-
-
-def datamodels_results(
-    *,
-    weights: "dict[str, torch.Tensor]",
-    summary: dict,
-    fit_dir: Path,
-    seconds: float,
-    run_id: str | None,
-    tracking: MlflowTracking,
-    min_r2: float | None,
-    extra: "dict[str, dg.RawMetadataValue] | None" = None,
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """The materialization of ``<name>/datamodels`` (metadata from the fit's summary) and its
-    two checks, for the fit in ``fit_dir`` (``weights``: its ``datamodels.pt``)."""
-    import torch
-
-    weight = weights["weight"]
-    mean_r2 = float(summary["mean_val_r2"])
-    meta: dict[str, dg.RawMetadataValue] = {
-        "fit_dir": dg.MetadataValue.path(str(fit_dir)),
-        "targets": int(weight.shape[1]),
-        "features": int(weight.shape[0]),
-        "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
-        "mean_nonzeros": float(summary["mean_nonzeros"]),
-        "mean_val_r2": mean_r2,
-        "seconds": seconds,
-        "solver": str(summary["solver"]),
-        **(extra or {}),
-    }
-    if run_id is not None:
-        meta["mlflow_run_id"] = run_id
-        meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
-    yield dg.MaterializeResult(metadata=meta)
-    finite = bool(
-        torch.isfinite(weight).all()
-        and torch.isfinite(weights["bias"]).all()
-        and torch.isfinite(weights["lam"]).all()
-    )
-    yield dg.AssetCheckResult(
-        check_name="finite_weights",
-        passed=finite,
-        metadata={"weights": int(weight.numel())},
-    )
-    yield dg.AssetCheckResult(
-        check_name="mean_val_r2_floor",
-        passed=True if min_r2 is None else bool(math.isfinite(mean_r2) and mean_r2 >= min_r2),
-        metadata={"mean_val_r2": mean_r2, "floor": min_r2 if min_r2 is not None else "none"},
-    )
 
 
 def regression_assets(
@@ -197,7 +51,9 @@ def regression_assets(
     def regression_dataset(context: dg.AssetExecutionContext, home: HomeResource):
         # the science is imported when a step runs, not when the definitions load (every
         # Dagster process loads them: the UI, each code server, each run)
-        from dm_assets.regression.beton import BetonError, beton_info, write_beton
+        from dm_assets.regression.beton import BetonError
+        from dm_assets.regression.beton_reader import beton_info
+        from dm_assets.regression.beton_writer import write_beton
 
         paths = experiment.paths(home.path or None)
         try:
@@ -247,9 +103,6 @@ def regression_assets(
         )
 
     if regression.targets_per_slice is not None:
-        # imported here: the slices' assets build on this module's helpers
-        from dm_assets.pipeline.assets.datamodel_slices import slice_assets
-
         return [regression_dataset, *slice_assets(experiment, regression)]
 
     @dg.asset(
@@ -273,7 +126,7 @@ def regression_assets(
         paths = experiment.paths(home.path or None)
         fit_dir = paths.fits / fit_id(context)
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)
-        fit, config, seconds = fit_into(
+        _, seconds = fit_on_a_device_slot(
             context, experiment, devices, config, fit_dir, paths.datamodels
         )
         run_id = tracking.log_regression(
@@ -283,13 +136,7 @@ def regression_assets(
             tags=run_tags(context, datamodels_key, "", name),
         )
         yield from datamodels_results(
-            weights=fit.result.seed_dict(),
-            summary=fit.summary,
-            fit_dir=fit_dir,
-            seconds=seconds,
-            run_id=run_id,
-            tracking=tracking,
-            min_r2=min_r2,
+            fit_dir, seconds=seconds, run_id=run_id, tracking=tracking, min_r2=min_r2
         )
 
     return [regression_dataset, datamodels]

@@ -1,7 +1,5 @@
 """The training half of an experiment's graph: ``<name>/store`` and ``<name>/model_outputs``."""
 
-import statistics
-import time
 import warnings
 
 import dagster as dg
@@ -9,12 +7,9 @@ import dagster as dg
 from dm_assets.pipeline.experiment import Experiment
 from dm_assets.pipeline.resources.device_slots import GPU_POOL
 from dm_assets.pipeline.resources.experiment_home import HomeResource
-from dm_assets.pipeline.resources.slurm_trainer import SlurmTrainer
-from dm_assets.pipeline.resources.trainers import LocalTrainer
+from dm_assets.pipeline.resources.trainers import Trainer, trainer_resource_key
 from dm_assets.store.store import Store, StoreError
-
-# the resource key of each launcher kind (experiment field launcher.kind)
-LAUNCHER_RESOURCE_KEYS = {"local": "trainer", "slurm": "slurm_trainer"}
+from dm_assets.training.launcher import completed_blocks, progress_lines
 
 
 def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
@@ -61,8 +56,8 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         context.log.info("store at %s", paths.store)
         return dg.MaterializeResult(metadata=meta)
 
-    # the launcher resource this experiment trains with: local worker processes, or SLURM
-    launcher_key = LAUNCHER_RESOURCE_KEYS[experiment.launcher.kind]
+    # the trainer resource this experiment trains with: local worker processes, or SLURM
+    trainer_key = trainer_resource_key(experiment.launcher)
     with warnings.catch_warnings():
         # BackfillPolicy is marked beta; it is how a backfill groups partitions into runs
         warnings.simplefilter("ignore", dg.BetaWarning)
@@ -78,56 +73,40 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             f"{experiment.trainer.main_import}.main(index, logdir) in worker processes, one per "
             "device slot. Completed models are skipped.",
             kinds={"pytorch"},
-            required_resource_keys={"home", launcher_key},
+            required_resource_keys={"home", trainer_key},
         )
 
     @outputs_decorator
     def model_outputs(context: dg.AssetExecutionContext):
         home: HomeResource = context.resources.home
-        trainer: LocalTrainer | SlurmTrainer = getattr(context.resources, launcher_key)
-        if isinstance(trainer, SlurmTrainer) and experiment.launcher.overrides():
-            trainer = trainer.model_copy(update=experiment.launcher.overrides())
+        trainer: Trainer = getattr(context.resources, trainer_key)
         paths = experiment.paths(home.path or None)
-        keys = context.partition_keys
-        indices = [i for key in keys for i in Experiment.partition_indices(key)]
-        started = time.perf_counter()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if now - last[0] >= trainer.progress_every or done == total:
-                last[0] = now
-                context.log.info(
-                    "%s: %d / %d models done (%.0f s)", name, done, total, now - started
-                )
-
-        report = trainer.train(experiment, paths, indices, log=context.log, on_progress=progress)
-        seconds = list(report.seconds_per_model.values())
+        blocks = {key: Experiment.partition_indices(key) for key in context.partition_keys}
+        indices = [i for block in blocks.values() for i in block]
+        report = trainer.train(
+            experiment,
+            paths,
+            indices,
+            log=context.log,
+            on_progress=progress_lines(context.log.info, name, trainer.progress_every),
+        )
         meta: dict[str, dg.MetadataValue] = {
-            "partitions": dg.MetadataValue.int(len(keys)),
+            "partitions": dg.MetadataValue.int(len(blocks)),
             "models": dg.MetadataValue.int(len(indices)),
             "trained": dg.MetadataValue.int(len(report.trained)),
             "skipped": dg.MetadataValue.int(len(report.skipped)),
             "failed": dg.MetadataValue.int(len(report.failed)),
-            "seconds_per_model": dg.MetadataValue.float(
-                statistics.fmean(seconds) if seconds else 0.0
-            ),
+            "seconds_per_model": dg.MetadataValue.float(report.mean_seconds_per_model),
             "wall_seconds": dg.MetadataValue.float(report.wall_seconds),
             "worker_processes": dg.MetadataValue.int(report.processes),
         }
         context.log.info("%s: %s", name, report.summary())
         if report.failed:
-            failed = set(report.failed)
-            for key in keys:
-                if not failed.intersection(Experiment.partition_indices(key)):
-                    # its models are all stored: this partition is done even though the run fails
-                    yield dg.AssetMaterialization(asset_key=outputs_key, partition=key)
-            detail = "\n".join(f"  model {i}: {why}" for i, why in sorted(report.failed.items()))
+            # their models are all stored: these partitions are done even though the run fails
+            for key in completed_blocks(report, blocks):
+                yield dg.AssetMaterialization(asset_key=outputs_key, partition=key)
             raise dg.Failure(
-                description=f"{len(report.failed)} model(s) still failing after "
-                f"{experiment.trainer.retries} retry round(s): {sorted(report.failed)}; every "
-                f"other model of this run is stored.\n{detail}",
-                metadata=meta,
+                description=report.failure_text(experiment.trainer.retries), metadata=meta
             )
         yield dg.MaterializeResult(metadata=meta)
 

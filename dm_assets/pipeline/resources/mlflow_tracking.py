@@ -27,7 +27,6 @@ What one run records, for a fit directory written by ``write_outputs``:
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import shlex
 import tempfile
@@ -38,11 +37,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import pandas as pd
-import yaml
 from pydantic import Field
 
 from dm_assets.home import mlflow_artifact_root, mlflow_tracking_uri
+from dm_assets.regression.fit import FIT_FILES, FitFolder
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -134,36 +132,6 @@ def _check_experiment_name(experiment: str) -> None:
             f"experiment={experiment!r} cannot name an MLflow experiment and its artifact "
             f"folder: pass the dm experiment's name, a non-empty string without '/' or '\\'"
         )
-
-
-def _read_fit_dir(fit_dir: Path) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
-    """``(config, summary, path table)`` of a fit directory, after checking all files exist."""
-    from dm_assets.regression.compute_datamodels import OUTPUT_FILES
-
-    if not fit_dir.is_dir():
-        raise FileNotFoundError(
-            f"fit_dir={fit_dir} is not a directory: pass the out_dir that write_outputs wrote"
-        )
-    missing = [name for name in OUTPUT_FILES if not (fit_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"fit_dir={fit_dir} lacks {missing} (a fit directory holds {list(OUTPUT_FILES)}): "
-            f"pass a complete directory written by write_outputs, or rerun the fit"
-        )
-    config = yaml.safe_load((fit_dir / "config.yaml").read_text())
-    if not isinstance(config, Mapping):
-        raise ValueError(
-            f"{fit_dir / 'config.yaml'} holds {type(config).__name__}, not the config's sections "
-            f"(data, cfg, early_stopping): rewrite the fit directory with write_outputs"
-        )
-    summary = json.loads((fit_dir / "summary.json").read_text())
-    if not isinstance(summary, Mapping):
-        raise ValueError(
-            f"{fit_dir / 'summary.json'} holds {type(summary).__name__}, not a JSON object: "
-            f"rewrite the fit directory with write_outputs"
-        )
-    table = pd.read_csv(fit_dir / "regularization_path.csv")
-    return dict(config), dict(summary), table
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -313,12 +281,14 @@ class MlflowTracking(dg.ConfigurableResource):
             return None
         from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-        from dm_assets.regression.path_metrics import plot_path, step_metrics
+        from dm_assets.evaluation.figures import plot_path
+        from dm_assets.regression.path_metrics import step_metrics
 
         started = time.perf_counter()
         fit_dir = Path(fit_dir).resolve()
         _check_experiment_name(experiment)
-        config, summary, table = _read_fit_dir(fit_dir)
+        folder = FitFolder.open(fit_dir)
+        config, summary, table = folder.config(), folder.summary(), folder.path_table()
 
         all_params: dict[str, Any] = _flatten(config)
         for key, value in summary.items():
@@ -367,10 +337,8 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.log_batch(run_id, params=chunk)
             for chunk in _chunks(metric_list, _MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=chunk)
-            from dm_assets.regression.compute_datamodels import OUTPUT_FILES
-
-            for name in OUTPUT_FILES:
-                client.log_artifact(run_id, str(fit_dir / name))
+            for name in FIT_FILES:
+                client.log_artifact(run_id, str(folder.file(name)))
             with tempfile.TemporaryDirectory(prefix="dm-mlflow-") as tmp:
                 png = plot_path(
                     table,

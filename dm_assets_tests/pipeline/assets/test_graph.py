@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dm_assets.pipeline.assets import experiment_assets, experiment_jobs
+from dm_assets.pipeline.assets import experiment_assets
 from dm_assets.pipeline.definitions import build_definitions
 from dm_assets.pipeline.experiment import Experiment, load_experiment, load_experiments
+from dm_assets.pipeline.jobs import experiment_jobs, job_specs
 from dm_assets.store.store import Store
 from dm_assets_tests.helpers import checks, metadata, resources
 
@@ -234,6 +235,7 @@ def test_definitions_load_with_every_experiment() -> None:
 def test_jobs_and_build_definitions_per_experiment(tmp_path: Path) -> None:
     experiment = shipped("minimal")
     jobs = {j.name for j in experiment_jobs(experiment)}
-    assert jobs == {"minimal_train", "minimal_fit", "minimal_all"} == set(experiment.jobs())
+    specs = {s.name: s.partition_keys for s in job_specs(experiment)}
+    assert jobs == {"minimal_train", "minimal_fit", "minimal_all"} == set(specs)
     defs = build_definitions([experiment], resources(tmp_path))
     dg.Definitions.validate_loadable(defs)

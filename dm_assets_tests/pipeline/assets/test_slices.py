@@ -11,10 +11,11 @@ import dagster as dg
 import pytest
 import torch
 
-from dm_assets.pipeline.assets import experiment_assets, experiment_jobs
+from dm_assets.pipeline.assets import experiment_assets
 from dm_assets.pipeline.assets.datamodel_slices import experiment_slices, slices_group
 from dm_assets.pipeline.definitions import build_definitions
 from dm_assets.pipeline.experiment import Experiment, load_experiment
+from dm_assets.pipeline.jobs import experiment_jobs, job_specs
 from dm_assets_tests.helpers import checks, metadata, resources
 
 # the minimal experiment's planted datamodels (60 training examples, 4 targets), smaller
@@ -75,9 +76,10 @@ def test_slices_partition_the_targets_and_the_definitions_load(
     assert node.pools == {"gpu"} and node.group_name == slices_group("sliced")
     merged = graph.get(dg.AssetKey(["sliced", "datamodels"]))
     assert merged.partitions_def is None
-    assert {j.name for j in experiment_jobs(sliced)} == set(sliced.jobs())
-    assert sliced.jobs()["sliced_slices"] == ["t0-1", "t2-3"] == sliced.slice_keys()
-    assert sliced.jobs()["sliced_dataset"] == [] and sliced.jobs()["sliced_fit"] == []
+    specs = {s.name: list(s.partition_keys) for s in job_specs(sliced)}
+    assert {j.name for j in experiment_jobs(sliced)} == set(specs)
+    assert specs["sliced_slices"] == ["t0-1", "t2-3"] == sliced.slice_keys()
+    assert specs["sliced_dataset"] == [] and specs["sliced_fit"] == []
     for job in defs.resolve_all_job_defs():  # every job resolves: one partitioning each
         assert job.name
 

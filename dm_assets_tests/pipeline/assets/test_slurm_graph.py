@@ -1,8 +1,10 @@
 """Experiments with ``launcher: {kind: slurm}`` through the asset graph: training partitions run
-as SLURM job arrays, and a terminated Dagster run leaves no job in the queue."""
+as SLURM job arrays, and a terminated Dagster run leaves no job in the queue; and the
+SlurmTrainer resource on its own in a Dagster run."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import subprocess
@@ -15,8 +17,8 @@ import pytest
 import yaml
 
 from dm_assets.pipeline.assets import experiment_assets
-from dm_assets.pipeline.experiment import load_experiment
-from dm_assets.pipeline.resources.slurm_trainer import SlurmTrainer
+from dm_assets.pipeline.experiment import ExperimentPaths, load_experiment
+from dm_assets.pipeline.resources.trainers import SlurmTrainer, Trainer
 from dm_assets.store.store import Store
 from dm_assets_tests.helpers import REPO_ROOT, cli_env, metadata, resources
 from dm_assets_tests.scripts import launcher_cases
@@ -111,3 +113,57 @@ def test_terminated_run_cancels_its_slurm_jobs(tmp_path: Path, slurm_cluster: Sl
     while slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip():
         assert time.monotonic() < deadline, slurm_cluster.run("squeue").stdout
         time.sleep(0.5)
+
+
+@pytest.mark.slurm
+def test_slurm_trainer_resource(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
+    source = tmp_path / "slurm_case.yaml"
+    source.write_text(
+        yaml.safe_dump(
+            {
+                "name": "slurm_case",
+                "spec": launcher_cases.SPEC,
+                "trainer": {
+                    "main_import": SCRIPT,
+                    "args": ["--case.flaky=2"],
+                    "retries": 1,
+                    "commit_every": 0,
+                },
+                "models_per_partition": 5,
+            }
+        )
+    )
+    experiment = load_experiment(source)
+    paths = ExperimentPaths(tmp_path / "home" / "slurm_case")
+    Store.initialize(paths.store, experiment.spec).close()
+    trainer = SlurmTrainer(indices_per_task=3, poll_seconds=0.3, env=slurm_cluster.env)
+    assert isinstance(trainer, Trainer)
+    progress: list[tuple[int, int]] = []
+
+    @dg.asset
+    def trained(context, trainer: SlurmTrainer) -> dg.MaterializeResult:
+        report = trainer.train(
+            experiment,
+            paths,
+            range(5, 10),
+            log=context.log,
+            on_progress=lambda done, total: progress.append((done, total)),
+        )
+        return dg.MaterializeResult(
+            metadata={"trained": report.trained, "failed": len(report.failed)}
+        )
+
+    result = dg.materialize([trained], resources={"trainer": trainer})
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["trained"].value == [5, 6, 7, 8, 9] and metadata["failed"].value == 0
+    assert progress[0] == (0, 5) and progress[-1] == (5, 5)
+    report = trainer.train(experiment, paths, range(0, 5), log=logging.getLogger("test"))
+    assert report.ok and report.rounds == 2  # 2 is flaky: fails once, then trained
+    with Store.open(paths.store) as store:
+        values = store.read("value")
+        for i in range(10):
+            assert store.is_completed(i), i
+            assert values[i] == launcher_cases.expected_value(i)
+    assert (paths.launcher_logs / "slurm").is_dir()

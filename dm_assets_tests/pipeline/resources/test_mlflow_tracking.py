@@ -160,12 +160,12 @@ def test_failure_midway_marks_the_run_failed(
 ) -> None:
     from mlflow import MlflowClient
 
-    import dm_assets.regression.path_metrics as path_metrics
+    import dm_assets.evaluation.figures as figures
 
     def broken_plot(*args: object, **kwargs: object) -> Path:
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(path_metrics, "plot_path", broken_plot)
+    monkeypatch.setattr(figures, "plot_path", broken_plot)
     fit_dir = write_small_fit(tmp_path / "fit", n_targets=2, k=5)
     tracking = MlflowTracking(home=str(tmp_path / "home"))
     with pytest.raises(RuntimeError, match="no display"):

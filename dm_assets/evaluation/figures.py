@@ -1,0 +1,388 @@
+"""Every figure of a fit, drawn once: the Dagster assets (files beside the fit), MLflow (the
+path plot of each run) and the notebook all call these.
+
+Each ``*_figure`` function returns a :class:`matplotlib.figure.Figure` drawn with matplotlib's
+object API (an Agg canvas, no pyplot state, so it works in worker processes and a notebook shows
+it by leaving it as a cell's value); :func:`save_png` writes one. The ``plot_*`` functions draw
+and save in one call, for the callers that only want the file.
+
+============================  ===================================================  ============
+figure                        from                                                 file
+============================  ===================================================  ============
+:func:`lds_curve_figure`      curve points (:func:`~dm_assets.evaluation.curve.    lds_curve.png
+                              lds_curve` or ``evaluation.json``'s ``curve``)
+:func:`predicted_vs_actual_   predictions and outputs ``(n, t)`` of held-out       predicted_vs_
+figure`                       models                                               actual.png
+:func:`path_figure`           ``regularization_path.csv``                          regularization
+                                                                                   _path.png
+:func:`top_examples_figure`   raw weights ``(p, t)`` and, optionally, images       (notebook)
+:func:`embeddings_figure`     raw weights ``(p, t)``                               (notebook)
+============================  ===================================================  ============
+
+Imports neither dagster nor mlflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dm_assets.evaluation.analysis import embeddings, top_examples
+from dm_assets.evaluation.curve import CurvePoint
+from dm_assets.evaluation.metrics import evaluate
+from dm_assets.regression.path_metrics import PATH_COLUMNS, check_path_table, step_metrics
+
+MAX_TARGETS_DRAWN = 50
+"""At most this many per-target curves in :func:`path_figure` (evenly spaced over the
+targets)."""
+
+
+def _new_figure(**kwargs: object) -> Figure:
+    fig = Figure(layout="constrained", **kwargs)  # type: ignore[arg-type]
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, out_png: str | Path) -> Path:
+    """Write ``fig`` to ``out_png`` (a PNG at 110 dpi; parent folders are created); returns
+    the path."""
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=110)
+    return out
+
+
+# ------------------------------------------------------------------------------- LDS curve
+
+
+def _curve_point(point: CurvePoint | Mapping[str, float]) -> tuple[float, float, float, float]:
+    """``(n_train, n_models_used, lds, pearson)`` of a curve point or an ``evaluation.json``
+    curve entry (files written before ``n_models_used`` existed count the training rows)."""
+    values = point.to_dict() if isinstance(point, CurvePoint) else point
+    used = values.get("n_models_used", values["n_train"])
+    return float(values["n_train"]), float(used), float(values["lds"]), float(values["pearson"])
+
+
+def lds_curve_figure(
+    points: Sequence[CurvePoint] | Sequence[Mapping[str, float]],
+    *,
+    title: str = "",
+    ceiling: float | None = None,
+    full_lds: float | None = None,
+) -> Figure:
+    """Held-out LDS and Pearson against the number of models in the fit.
+
+    Parameters
+    ----------
+    points : sequence of CurvePoint, or of mappings
+        The curve (:func:`~dm_assets.evaluation.curve.lds_curve`), or ``evaluation.json``'s
+        ``curve`` entries (``n_train``, ``n_models_used``, ``lds``, ``pearson``).
+    title : str
+        The axes' title (default: "Linear datamodeling score against models used").
+    ceiling : float, optional
+        The LDS noise ceiling (:attr:`~dm_assets.evaluation.metrics.Evaluation.noise_ceiling`),
+        drawn as a dashed line.
+    full_lds : float, optional
+        The held-out LDS of the full fit, drawn as a dotted line.
+
+    x: the models the weights were fitted on (training rows, plus the validation rows when
+    refitted), on a log scale when it spans more than a factor 4. With no points the figure
+    says that no curve was computed (and still shows the lines).
+    """
+    fig = _new_figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    values = np.array([_curve_point(p) for p in points], dtype=np.float64).reshape(-1, 4)
+    n_train, sizes, lds, pearson = values.T
+    refit = [int(u - n) for n, u in zip(n_train, sizes, strict=True) if u != n]
+    if len(points):
+        ax.plot(sizes, lds, marker="o", color="tab:blue", label="LDS (Spearman)")
+        ax.plot(sizes, pearson, marker="s", ls=":", color="tab:orange", label="Pearson")
+        if sizes.max() > 4 * sizes.min():
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(sizes, labels=[str(int(v)) for v in sizes])  # the sizes fitted, plainly
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no curve computed\n(evaluation.curve_sizes is empty)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
+    if full_lds is not None and np.isfinite(full_lds):
+        ax.axhline(full_lds, ls=":", color="tab:blue", lw=1.2, label="LDS of the full fit")
+    if ceiling is not None and np.isfinite(ceiling):
+        ax.axhline(
+            ceiling, ls="--", color="black", lw=1.2, label=f"noise ceiling (LDS) {ceiling:.3f}"
+        )
+    lines = [v for v in (ceiling, full_lds) if v is not None]
+    shown = np.concatenate([lds, pearson, lines])
+    shown = shown[np.isfinite(shown)]
+    low = min(0.0, float(shown.min()) - 0.05) if shown.size else 0.0
+    ax.set_ylim(low, 1.02)
+    ax.set_xlabel(
+        f"models in the fit (training + {refit[0]} validation models, refit at the chosen lambda)"
+        if refit
+        else "models in the fit"
+    )
+    ax.set_ylabel("held-out correlation (mean over targets)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_title(title or "Linear datamodeling score against models used")
+    return fig
+
+
+def plot_lds_curve(
+    points: Sequence[CurvePoint] | Sequence[Mapping[str, float]],
+    out_png: str | Path,
+    *,
+    title: str = "",
+    ceiling: float | None = None,
+) -> Path:
+    """:func:`lds_curve_figure` saved to ``out_png``; returns the path."""
+    return save_png(lds_curve_figure(points, title=title, ceiling=ceiling), out_png)
+
+
+# ------------------------------------------------------------------- predicted against actual
+
+
+def predicted_vs_actual_figure(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    *,
+    targets: Sequence[int] | None = None,
+    max_panels: int = 6,
+) -> Figure:
+    """Scatter panels of predicted (x) against actual (y) output across held-out models, one per
+    target, each titled with its Spearman correlation (the target's LDS), the line ``y = x``
+    dashed.
+
+    ``predicted``, ``actual`` ``(n, t)`` as for :func:`~dm_assets.evaluation.metrics.evaluate`.
+    ``targets``: the columns to draw (at most ``max_panels``); default: up to ``max_panels``
+    targets at evenly spaced quantiles of the per-target Spearman, best to worst, constant
+    targets skipped.
+    """
+    if max_panels < 1:
+        raise ValueError(f"max_panels={max_panels} must be at least 1")
+    result = evaluate(predicted, actual)
+    pred, act = np.asarray(predicted), np.asarray(actual)
+    t = result.n_targets
+    if targets is None:
+        scored = np.flatnonzero(~np.isnan(result.lds_per_target))
+        order = scored[np.argsort(-result.lds_per_target[scored], kind="stable")]
+        if len(order) > max_panels:
+            order = order[np.linspace(0, len(order) - 1, max_panels).round().astype(int)]
+        chosen = [int(j) for j in order]
+    else:
+        chosen = [int(j) for j in targets]
+        bad = [j for j in chosen if not 0 <= j < t]
+        if bad:
+            raise ValueError(f"targets {bad} are not columns of the {t} targets: use 0 .. {t - 1}")
+        if len(chosen) > max_panels:
+            raise ValueError(
+                f"targets has {len(chosen)} entries but max_panels={max_panels}: pass fewer "
+                "targets or raise max_panels"
+            )
+    cols = max(1, min(3, len(chosen)))
+    rows = max(1, math.ceil(len(chosen) / cols))
+    fig = _new_figure(figsize=(3.6 * cols, 3.3 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, j in zip(axes, chosen, strict=False):
+        ax.scatter(pred[:, j], act[:, j], s=8, alpha=0.5, edgecolors="none")
+        lo = float(min(pred[:, j].min(), act[:, j].min()))
+        hi = float(max(pred[:, j].max(), act[:, j].max()))
+        ax.plot([lo, hi], [lo, hi], ls="--", color="gray", lw=1)
+        ax.set_title(f"target {j}: Spearman {result.lds_per_target[j]:.3f}", fontsize="medium")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+    for ax in axes[len(chosen) :]:
+        ax.set_axis_off()
+    if not chosen:
+        axes[0].text(0.5, 0.5, "no target varies", ha="center", va="center", color="gray")
+    fig.suptitle(f"Datamodel predictions on {result.n_models} held-out models")
+    return fig
+
+
+def plot_predicted_vs_actual(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    out_png: str | Path,
+    *,
+    targets: Sequence[int] | None = None,
+    max_panels: int = 6,
+) -> Path:
+    """:func:`predicted_vs_actual_figure` saved to ``out_png``; returns the path."""
+    figure = predicted_vs_actual_figure(predicted, actual, targets=targets, max_panels=max_panels)
+    return save_png(figure, out_png)
+
+
+# ----------------------------------------------------------------------- regularization path
+
+
+def path_figure(table: pd.DataFrame, *, title: str = "") -> Figure:
+    """The regularization path of a fit (``regularization_path.csv``, see
+    :mod:`~dm_assets.regression.path_metrics`).
+
+    Left: validation MSE of each target (log scale when all are positive) against
+    ``lambda / lambda_max`` (log scale, the path running left to right from ``lambda_max``), at
+    most :data:`MAX_TARGETS_DRAWN` targets as thin lines with each one's chosen lambda marked,
+    and the mean over the targets on the path at each step as a thick line. Right: mean nonzero
+    weights and the fraction of targets still on the path at each step.
+    """
+    check_path_table(table, PATH_COLUMNS)
+    if len(table) == 0:
+        raise ValueError("table has no rows: there is no path to plot (was the fit empty?)")
+    targets = np.sort(table["target"].unique())
+    metrics = step_metrics(table, len(targets))
+    if len(targets) > MAX_TARGETS_DRAWN:
+        drawn = targets[np.linspace(0, len(targets) - 1, MAX_TARGETS_DRAWN).round().astype(int)]
+    else:
+        drawn = targets
+
+    fig = _new_figure(figsize=(12.0, 4.8))
+    left, right = fig.subplots(1, 2)
+
+    shown = table[table["target"].isin(drawn)].sort_values(["target", "step"])
+    for _, path in shown.groupby("target", sort=False):
+        left.plot(path["lambda_over_max"], path["val_mse"], lw=0.7, alpha=0.45, color="tab:blue")
+    chosen = shown[shown["chosen"] == 1]
+    left.scatter(
+        chosen["lambda_over_max"],
+        chosen["val_mse"],
+        s=14,
+        color="tab:red",
+        zorder=3,
+        label="chosen lambda",
+    )
+    left.plot(
+        metrics["mean_lambda_over_max"],
+        metrics["mean_val_mse"],
+        lw=2.5,
+        color="black",
+        label="mean over targets on the path",
+    )
+    if (table["lambda_over_max"] > 0).any():
+        left.set_xscale("log")
+    if (table["val_mse"] > 0).all():
+        left.set_yscale("log")  # targets' variances differ by orders of magnitude
+    left.invert_xaxis()
+    left.set_xlabel("lambda / lambda_max  (path runs left to right)")
+    left.set_ylabel("validation MSE")
+    count = (
+        f"{len(drawn)} of {len(targets)} targets" if len(drawn) < len(targets) else "all targets"
+    )
+    left.set_title(f"Validation MSE along the path ({count})")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(loc="best", fontsize="small")
+
+    right.plot(metrics["step"], metrics["mean_nonzeros"], marker="o", ms=3, color="tab:green")
+    right.set_xlabel("step on the path (0 = lambda_max)")
+    right.set_ylabel("mean nonzero weights", color="tab:green")
+    right.grid(True, alpha=0.3)
+    on_path = right.twinx()
+    on_path.plot(metrics["step"], metrics["fraction_on_path"], marker="s", ms=3, color="tab:purple")
+    on_path.set_ylim(0.0, 1.05)
+    on_path.set_ylabel("fraction of targets on the path", color="tab:purple")
+    right.set_title("Sparsity and targets remaining per step")
+
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_path(table: pd.DataFrame, out_png: str | Path, *, title: str = "") -> Path:
+    """:func:`path_figure` saved to ``out_png``; returns the path."""
+    return save_png(path_figure(table, title=title), out_png)
+
+
+# ------------------------------------------------------------------ what the weights say
+
+
+def top_examples_figure(
+    raw: np.ndarray,
+    targets: Sequence[int],
+    images: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    k: int = 5,
+) -> Figure:
+    """For each target (a row): its image, then the ``k`` training examples with the largest
+    positive weights and the ``k`` with the largest negative weights
+    (:func:`~dm_assets.evaluation.analysis.top_examples`), each titled with its weight.
+
+    ``raw``: weights on the raw mask scale, float ``(p, t)``
+    (:func:`~dm_assets.evaluation.analysis.raw_weights`); ``images``: ``(train_images,
+    target_images)``, each ``(n, H, W)`` or ``(n, H, W, C)``, or None for bars of those weights
+    instead.
+    """
+    if images is None:
+        fig = _new_figure(figsize=(8, 2.4 * len(targets)))
+        for row, t in enumerate(targets):
+            ax = fig.add_subplot(len(targets), 1, row + 1)
+            pos, neg = top_examples(raw, t, k)
+            chosen = np.concatenate([pos, neg])
+            ax.bar(
+                [str(i) for i in chosen],
+                raw[chosen, t],
+                color=["C2"] * len(pos) + ["C3"] * len(neg),
+            )
+            ax.set_title(f"target {t}: strongest training examples")
+            ax.set_ylabel("weight")
+        return fig
+    train, target_images = images
+    cols = 1 + 2 * k
+    fig = _new_figure(figsize=(1.3 * cols, 1.6 * len(targets)))
+    gray = train.ndim == 3
+    for row, t in enumerate(targets):
+        pos, neg = top_examples(raw, t, k)
+        ax = fig.add_subplot(len(targets), cols, row * cols + 1)
+        ax.imshow(target_images[t], cmap="gray_r" if gray else None)
+        ax.set_title(f"target {t}", fontsize=8, fontweight="bold")
+        ax.axis("off")
+        for j in range(2 * k):
+            ax = fig.add_subplot(len(targets), cols, row * cols + 2 + j)
+            ax.axis("off")
+            group = pos if j < k else neg
+            slot = j if j < k else j - k
+            if slot >= len(group):
+                continue
+            i = int(group[slot])
+            ax.imshow(train[i], cmap="Greens" if j < k and gray else ("Reds" if gray else None))
+            ax.set_title(f"{raw[i, t]:+.3f}", fontsize=7)
+    fig.suptitle(
+        "target | training examples with the largest positive (green) and negative (red) weights"
+    )
+    return fig
+
+
+def embeddings_figure(
+    raw: np.ndarray, labels: np.ndarray | None = None, *, n_components: int = 2
+) -> Figure:
+    """Targets placed by the first two principal components of their datamodel weights
+    (:func:`~dm_assets.evaluation.analysis.embeddings` of ``raw`` float ``(p, t)``), coloured by
+    class when ``labels`` ``(t,)`` are given."""
+    points, explained = embeddings(raw, n_components)
+    fig = _new_figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    if points.shape[1] < 2:
+        ax.text(0.5, 0.5, "fewer than two targets", ha="center", transform=ax.transAxes)
+        return fig
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=10)
+    else:
+        for c in np.unique(labels):
+            chosen = labels == c
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=10, label=str(c))
+        ax.legend(title="class", fontsize=7, markerscale=1.5, ncols=2)
+    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}% of variance)")
+    ax.set_title("datamodel embeddings")
+    return fig

@@ -1,0 +1,147 @@
+"""What the fitting assets share (``<name>/datamodels``, ``<name>/datamodel_slices``): fit
+ids, fitting on a device slot, the tags linking an MLflow run to its Dagster run, and the
+checks and materialization of ``<name>/datamodels``.
+
+One module so that the asset modules import it and never each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+from dm_assets.pipeline.experiment import Experiment
+from dm_assets.pipeline.resources.device_slots import DeviceSlotsResource
+from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
+from dm_assets.regression.config import ConfigError
+
+if TYPE_CHECKING:
+    from dm_assets.regression.config import RegressionConfig
+    from dm_assets.regression.fit_run import FitRun
+
+
+def fit_id(context: dg.AssetExecutionContext) -> str:
+    """A new fit folder's name: UTC time and the Dagster run, ``20250101T120000Z-1a2b3c4d``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{context.run.run_id[:8]}"
+
+
+def fit_on_a_device_slot(
+    context: dg.AssetExecutionContext,
+    experiment: Experiment,
+    devices: DeviceSlotsResource,
+    config: RegressionConfig,
+    fit_dir: Path,
+    link: Path,
+) -> tuple[FitRun, float]:
+    """Fit ``config`` holding one of the experiment's device slots (``cfg.device: auto`` then
+    means that slot's device) into the new fit folder ``fit_dir``
+    (:func:`~dm_assets.regression.fit_run.fit_into_folder`) and point ``link`` at it; the fit
+    and the seconds taken, waiting for the slot included."""
+    from dm_assets.regression.beton import BetonError
+    from dm_assets.regression.fit_run import configure_fit, fit_into_folder
+
+    started = time.perf_counter()
+    with devices.acquire(
+        experiment.devices,
+        max_count=1,
+        on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
+    ) as lease:
+        device = lease.devices[0]
+        config = configure_fit(
+            config, device=f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
+        )
+        context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
+        try:
+            run = fit_into_folder(config, fit_dir)
+        except (ConfigError, BetonError) as exc:
+            raise dg.Failure(description=str(exc)) from exc
+    run.folder.point_link(link)
+    return run, time.perf_counter() - started
+
+
+def run_tags(
+    context: dg.AssetExecutionContext, asset_key: dg.AssetKey, partition: str, experiment: str
+) -> dict[str, str]:
+    """The tags linking an MLflow run to the Dagster run, asset and partition that made it."""
+    return {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": asset_key.to_user_string(),
+        "dagster.partition": partition,
+        "dm_assets.experiment": experiment,
+    }
+
+
+def datamodels_check_specs(key: dg.AssetKey, min_r2: float | None) -> list[dg.AssetCheckSpec]:
+    """The checks of ``<name>/datamodels``: finite weights, mean validation R^2 floor."""
+    floor_text = "none" if min_r2 is None else f"{min_r2:g}"
+    return [
+        dg.AssetCheckSpec(
+            "finite_weights",
+            asset=key,
+            description="Every weight, bias and chosen lambda is finite.",
+        ),
+        dg.AssetCheckSpec(
+            "mean_val_r2_floor",
+            asset=key,
+            description=f"Mean validation R^2 over targets at least {floor_text}.",
+        ),
+    ]
+
+
+def datamodels_results(
+    fit_dir: Path,
+    *,
+    seconds: float,
+    run_id: str | None,
+    tracking: MlflowTracking,
+    min_r2: float | None,
+    extra: dict[str, dg.RawMetadataValue] | None = None,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """The materialization of ``<name>/datamodels`` (metadata from the fit's summary) and its
+    two checks, for the fit folder ``fit_dir`` (named in the metadata as given)."""
+    import torch
+
+    from dm_assets.regression.fit import FitFolder
+
+    folder = FitFolder.open(fit_dir)
+    weights = folder.weights()
+    summary = folder.summary()
+    weight = weights["weight"]
+    mean_r2 = float(summary["mean_val_r2"])
+    meta: dict[str, dg.RawMetadataValue] = {
+        "fit_dir": dg.MetadataValue.path(str(fit_dir)),
+        "targets": int(weight.shape[1]),
+        "features": int(weight.shape[0]),
+        "mean_chosen_lambda_over_max": float(summary["mean_lambda_over_max"]),
+        "mean_nonzeros": float(summary["mean_nonzeros"]),
+        "mean_val_r2": mean_r2,
+        "seconds": seconds,
+        "solver": str(summary["solver"]),
+        **(extra or {}),
+    }
+    if run_id is not None:
+        meta["mlflow_run_id"] = run_id
+        meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
+    yield dg.MaterializeResult(metadata=meta)
+    finite = bool(
+        torch.isfinite(weight).all()
+        and torch.isfinite(weights["bias"]).all()
+        and torch.isfinite(weights["lam"]).all()
+    )
+    yield dg.AssetCheckResult(
+        check_name="finite_weights",
+        passed=finite,
+        metadata={"weights": int(weight.numel())},
+    )
+    yield dg.AssetCheckResult(
+        check_name="mean_val_r2_floor",
+        passed=True if min_r2 is None else bool(math.isfinite(mean_r2) and mean_r2 >= min_r2),
+        metadata={"mean_val_r2": mean_r2, "floor": min_r2 if min_r2 is not None else "none"},
+    )

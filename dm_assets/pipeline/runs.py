@@ -1,0 +1,298 @@
+"""Dagster runs of the experiments' jobs, from outside Dagster: what ``python -m dm_assets.launch``
+does around ``dagster job launch``.
+
+- :func:`prepare_dagster_home`: ``$DAGSTER_HOME`` (default ``$DM_HOME/dagster``), with the
+  shipped instance configuration ``dm_assets/dagster.yaml`` copied in when it has none;
+- :func:`job_partition_keys`: every experiment's jobs and their partition keys
+  (:func:`dm_assets.pipeline.jobs.job_specs`); :func:`partition_tags`: the run tags selecting
+  some of them;
+- :func:`submit_run`: a run submitted through ``dagster job launch`` (what CI runs), its
+  output to :func:`launch_log_path`;
+- :func:`follow_run`: a run's log, line by line, until it ends, and its exit status;
+- :func:`terminate_run`: stop a run and the processes it started;
+- :func:`reap_dead_runs`: mark failed the runs whose run worker process is gone.
+
+Lines meant for a person (the run's log, warnings) go to the ``echo`` / ``warn`` callables the
+caller passes (the command line prints them), by default to this module's logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dm_assets.home import dm_home
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 124
+SHIPPED_INSTANCE_CONFIG = Path(__file__).resolve().parent.parent / "dagster.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+Echo = Callable[[str], None]
+
+
+def prepare_dagster_home(environ: dict[str, str] | None = None) -> Path:
+    """``$DAGSTER_HOME``, or ``$DM_HOME/dagster`` set in ``environ`` (default ``os.environ``);
+    the shipped ``dagster.yaml`` is copied there when the folder has none."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("DAGSTER_HOME") or dm_home() / "dagster").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        tmp = home / f".dagster.yaml.{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(SHIPPED_INSTANCE_CONFIG, tmp)
+        os.replace(tmp, config)
+    env["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def job_partition_keys() -> dict[str, list[str]]:
+    """Every experiment's jobs and their partition keys (empty: not partitioned), read from
+    the experiment files through the one table of jobs the definitions are built from
+    (:func:`dm_assets.pipeline.jobs.job_specs`), without loading Dagster."""
+    from dm_assets.pipeline.experiment import load_experiments
+    from dm_assets.pipeline.jobs import job_specs
+
+    out: dict[str, list[str]] = {}
+    for experiment in load_experiments():
+        out.update({spec.name: list(spec.partition_keys) for spec in job_specs(experiment)})
+    return out
+
+
+def partition_tags(job: str, keys: list[str], selection: str) -> dict[str, str]:
+    """The range tags that make ``dagster job launch`` run ``selection`` of ``keys``."""
+    if not keys:
+        if selection != "all":
+            raise ValueError(f"job {job!r} has no partitions; leave out --partitions")
+        return {}
+    if selection == "all":
+        first, last = keys[0], keys[-1]
+    else:
+        first, sep, last = selection.partition("...")
+        last = last if sep else first
+        for key in (first, last):
+            if key not in keys:
+                shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+                raise ValueError(f"{key!r} is not a partition of job {job!r} (its keys: {shown})")
+        if keys.index(first) > keys.index(last):
+            raise ValueError(f"partition range {selection!r} runs backwards: use FIRST...LAST")
+    return {RANGE_START: first, RANGE_END: last}
+
+
+def launch_log_path(run_id: str) -> Path:
+    """``$DAGSTER_HOME/launch_logs/<run id>.log`` (its folder created): the output of
+    ``dagster job launch`` and of the run's own processes."""
+    path = Path(os.environ["DAGSTER_HOME"]) / "launch_logs" / f"{run_id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def submit_run(
+    job: str, tags: dict[str, str], *, run_id: str, workspace: Path, log_path: Path
+) -> int:
+    """Submit run ``run_id`` of ``job`` with ``tags`` through ``dagster job launch`` on the
+    workspace file ``workspace``, its output (and that of the run's processes, which inherit
+    it) appended to ``log_path``; the command's exit status (0: submitted, not finished)."""
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "job",
+        "launch",
+        "-w",
+        str(workspace),
+        "-j",
+        job,
+        "--run-id",
+        run_id,
+        "--tags",
+        json.dumps(tags),
+    ]
+    with open(log_path, "ab") as log:
+        # the run's own processes inherit this output: to the log file, not over the caller's
+        launched = subprocess.run(command, cwd=workspace.resolve().parent, stdout=log, stderr=log)
+    return launched.returncode
+
+
+_SHOWN = {
+    "LOG",
+    "RUN_START",
+    "RUN_SUCCESS",
+    "RUN_FAILURE",
+    "RUN_CANCELED",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "ASSET_MATERIALIZATION",
+    "ASSET_CHECK_EVALUATION",
+}
+_FAILURES = {"STEP_FAILURE", "RUN_FAILURE", "RUN_CANCELED", "RUN_SUCCESS"}
+
+
+def event_line(entry: Any, quiet: bool) -> str | None:
+    """The line showing one event log entry of a run, or None when it is not shown (``quiet``:
+    only failures and the run's end)."""
+    event = entry.dagster_event
+    kind = event.event_type_value if event is not None else "LOG"
+    if kind not in _SHOWN or (quiet and kind not in _FAILURES):
+        return None
+    stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
+    where = f" {entry.step_key}" if entry.step_key else ""
+    message = entry.user_message or ""
+    if event is not None and kind == "STEP_FAILURE":
+        error = event.step_failure_data.error if event.step_failure_data else None
+        while error is not None:  # the wrapper's message, then what the asset raised
+            message = f"{message}\n{error.message.rstrip()}"
+            error = error.cause
+    elif event is not None and kind == "ASSET_CHECK_EVALUATION":
+        data = event.event_specific_data
+        message = (
+            f"check {data.asset_check_key.name} on {data.asset_key.to_user_string()}: "
+            f"{'passed' if data.passed else 'FAILED'}"
+        )
+        if not data.passed and data.severity.value == "WARN":
+            message += " (a warning)"
+    return f"{stamp}{where} {kind}: {message}"
+
+
+_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
+_UNFINISHED = ("STARTING", "STARTED", "CANCELING")
+# a run that has not recorded its process after this long never will
+_START_GRACE_SECONDS = 120.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process of this machine running dagster."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return not re.search(r"^State:\s+Z", status, re.M) and b"dagster" in cmdline
+
+
+def reap_dead_runs(instance: Any) -> list[str]:
+    """Mark failed every unfinished run whose run worker process is gone (killed, OOM, the
+    machine rebooted), and free the ``gpu`` pool slots it claimed.
+
+    Without the daemon's run monitoring nothing else does: a SIGKILLed run would stay STARTED
+    and keep its pool slots forever, and once the pool's limit is reached every later training
+    or fitting step waits forever. Assumes the instance's runs ran on this machine (what the
+    shipped configuration's default run launcher does). Returns the run ids reaped.
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    statuses = [DagsterRunStatus[name] for name in _UNFINISHED]
+    reaped = []
+    for run in instance.get_runs(filters=RunsFilter(statuses=statuses)):
+        pids = run_worker_pids(instance, run.run_id)
+        if pids:
+            if any(_alive(pid) for pid in pids):
+                continue
+            why = f"its run worker (pid {pids[-1]}) is gone: killed, out of memory, or rebooted"
+        else:
+            record = instance.get_run_record_by_id(run.run_id)
+            started = record.create_timestamp.timestamp() if record else time.time()
+            if time.time() - started < _START_GRACE_SECONDS:
+                continue
+            why = f"it never started a run worker in {_START_GRACE_SECONDS:g} s"
+        instance.report_run_failed(run, message=f"dm_assets.launch: marked failed: {why}")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
+def run_worker_pids(instance: Any, run_id: str) -> list[int]:
+    """The process ids the run's log says its run workers had (``Started process for run``)."""
+    return [
+        int(match[1])
+        for entry in instance.all_logs(run_id)
+        if entry.message and (match := _PID.search(entry.message))
+    ]
+
+
+def terminate_run(instance: Any, run_id: str, *, warn: Echo = logger.warning) -> None:
+    """Stop run ``run_id``: through the run launcher (the code server that started it), else,
+    when that server is gone (``dagster job launch`` keeps it only about a minute), by
+    interrupting the run worker process directly, as Ctrl-C would: its steps unwind, and the
+    training launchers end their worker processes and cancel their SLURM jobs. ``warn``
+    receives what is done."""
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.is_finished:
+        return
+    warn(f"interrupted: terminating run {run_id}")
+    try:
+        if instance.run_launcher.terminate(run_id):
+            return
+    except Exception as exc:  # the code server may have shut down meanwhile
+        warn(f"the run launcher could not terminate it ({exc}); interrupting its process")
+    for pid in run_worker_pids(instance, run_id):
+        if _alive(pid):
+            os.kill(pid, signal.SIGINT)
+
+
+def follow_run(
+    run_id: str,
+    *,
+    instance: Any = None,
+    timeout: float | None = None,
+    poll: float = 1.0,
+    quiet: bool = False,
+    terminate_on_interrupt: bool = True,
+    echo: Echo = logger.info,
+    warn: Echo = logger.warning,
+) -> int:
+    """Pass the run's log to ``echo`` line by line until the run ends; its exit status: 0 when
+    it succeeded, :data:`EXIT_FAILED` when it failed or was canceled, :data:`EXIT_TIMEOUT`
+    when ``timeout`` seconds passed first (the run is then terminated). Ctrl-C terminates the
+    run unless ``terminate_on_interrupt`` is false (the caller does it); ``warn`` receives
+    what terminating does."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    terminal = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    instance = instance if instance is not None else DagsterInstance.get()
+    cursor = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                echo(f"error: run {run_id} is not in the instance at {instance.root_directory}")
+                return EXIT_FAILED
+            while True:
+                conn = instance.get_records_for_run(run_id, cursor=cursor, limit=500)
+                for record in conn.records:
+                    line = event_line(record.event_log_entry, quiet)
+                    if line is not None:
+                        echo(line)
+                cursor = conn.cursor
+                if not conn.has_more:
+                    break
+            if run.status in terminal:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                echo(f"run {run_id}: still {run.status.value} after {timeout:g} s; terminating it")
+                terminate_run(instance, run_id, warn=warn)
+                return EXIT_TIMEOUT
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        if terminate_on_interrupt:
+            terminate_run(instance, run_id, warn=warn)
+        raise
+    status = run.status
+    echo(f"run {run_id}: {status.value}")
+    return 0 if status == DagsterRunStatus.SUCCESS else EXIT_FAILED
