@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from dm_assets.home import dm_home, mlflow_tracking_uri
 from dm_assets.pipeline.experiment import Experiment, load_experiments
+from dm_assets.pipeline.provenance import compact_ranges
 from dm_assets.regression.fit import FitFolder, FitFolderError
 from dm_assets.store.store import Store, StoreError
 
@@ -39,6 +40,16 @@ def describe(experiment: Experiment) -> list[str]:
         f"mean nonzeros {s['mean_nonzeros']:.1f}, {s['solver']} on {s['device']} "
         f"in {s['seconds']:.1f} s"
     )
+    if fit.has_manifest():
+        m = fit.manifest()
+        ids = ", ".join(m.configuration_ids.get("counts", {})) or "none"
+        lines.append(
+            f"  lineage   models {compact_ranges(m.fitted_indices)}, dataset "
+            f"{m.dataset.get('digest', '?')[:19]}, configuration(s) {ids}"
+            f"{' (mixed)' if m.mixed else ''}: python -m dm_assets.lineage {experiment.name}"
+        )
+    else:
+        lines.append("  lineage   not recorded (fitted before manifest.json existed): refit")
     e = fit.evaluation()
     if e is not None:
         ceiling = (

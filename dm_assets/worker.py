@@ -1,7 +1,7 @@
 """The seed's ``worker`` command: ``python -m dm_assets.worker --worker.index=I ...``.
 
-A thin entry point; the implementation (options, exit statuses, reports) is
-:mod:`dm_assets.training.runner`.
+A thin entry point; the implementation (options, exit statuses, reports, the training
+configuration each row records and ``--worker.on_change``) is :mod:`dm_assets.training.runner`.
 """
 
 from dm_assets.cli import run

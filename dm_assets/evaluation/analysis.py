@@ -2,8 +2,10 @@
 in :mod:`dm_assets.evaluation.figures`).
 
 A finished fit is its fit folder (``datamodels.pt``, ``regularization_path.csv``,
-``summary.json`` and, once evaluated, ``evaluation.json`` and ``evaluation_per_target.csv``)
-with the rows of the models it was fitted from (:class:`~dm_assets.evaluation.held_out.FitRows`).
+``summary.json``, ``manifest.json`` and, once evaluated, ``evaluation.json`` and
+``evaluation_per_target.csv``) with the store of the models it was fitted from
+(:class:`~dm_assets.evaluation.held_out.FitRows`). The held-out models are the manifest's (the
+models completed and neither fitted on nor used to choose lambda), as the evaluation's.
 :func:`dm_assets.pipeline.finished.load_finished` finds an experiment's latest fit by name.
 
 Weights on the raw mask scale: ``datamodels.pt`` holds weights for standardized masks; divided
@@ -26,6 +28,7 @@ import pandas as pd
 
 from dm_assets.evaluation.held_out import FitRows, held_out_predictions
 from dm_assets.regression.fit import FitFolder
+from dm_assets.regression.manifest import FitManifest
 
 
 @dataclass
@@ -35,7 +38,9 @@ class FinishedFit:
     ``weights``: ``datamodels.pt`` (``weight`` float32 ``(p, t)``, ``bias``, ``mean``, ``std``,
     ``lam``, ``lam_max``); ``path``: the regularization path table (one row per target and
     lambda step); ``summary``: ``summary.json``; ``evaluation``: ``evaluation.json`` or None;
-    ``per_target``: ``evaluation_per_target.csv`` (target, lds, pearson, r2) or None.
+    ``per_target``: ``evaluation_per_target.csv`` (target, lds, pearson, r2) or None;
+    ``manifest``: ``manifest.json`` (the models, dataset and configurations the fit came from),
+    or None for a fit folder written before fits recorded it.
     """
 
     fit: FitFolder
@@ -45,6 +50,7 @@ class FinishedFit:
     summary: dict[str, Any]
     evaluation: dict[str, Any] | None
     per_target: pd.DataFrame | None
+    manifest: FitManifest | None = None
 
     @property
     def fit_dir(self) -> Path:
@@ -61,6 +67,7 @@ def read_finished(fit: FitFolder, rows: FitRows) -> FinishedFit:
         summary=fit.summary(),
         evaluation=fit.evaluation(),
         per_target=fit.per_target(),
+        manifest=fit.manifest() if fit.has_manifest() else None,
     )
 
 
@@ -73,8 +80,10 @@ def raw_weights(weights: dict[str, Any]) -> np.ndarray:
 
 def held_out(finished: FinishedFit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(model_indices, predicted, actual)`` on the held-out models (completed models the fit
-    never saw), predicted and actual float64 ``(n, t)``."""
-    return held_out_predictions(finished.weights, finished.rows)
+    never saw, from its manifest), predicted and actual float64 ``(n, t)``. Raises
+    :class:`~dm_assets.evaluation.held_out.HeldOutError` for a fit without a manifest or whose
+    rows changed since."""
+    return held_out_predictions(finished.fit, finished.rows)
 
 
 def top_examples(raw: np.ndarray, target: int, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,27 @@
 lambda), their rows, and a fit judged on them with its evaluation files and figures written
 beside it (:func:`evaluate_fit`).
 
+Which models the fit saw is read from its ``manifest.json`` (the exact model indices it was
+fitted and validated on), never from the experiment's current settings or the current dataset:
+editing ``num_train`` or rewriting the dataset after more models complete changes nothing here.
+Before scoring, the rows the fit used are checked against the store (their configuration ids and
+a digest of their masks and outputs): a fit whose rows were retrained since is refused, since
+its weights describe rows that no longer exist.
+
+Disjointness is checked by index and by mask. A completed model that the fit did not use but
+whose mask equals the mask of a model it used (a replicate group straddling the split, or a
+repeated random draw) is **excluded** from the held-out set and reported, not refused: the fit
+saw that exact training set with an output, so scoring on it measures memorization rather
+than generalization, while refusing would make designs with replicate groups unusable.
+
 Imports neither dagster nor mlflow.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dm_assets.errors import DmError
+from dm_assets.regression.fit import ManifestMissingError
+from dm_assets.regression.manifest import (
+    UNKNOWN_CONFIGURATION,
+    FitManifest,
+    ManifestError,
+    rows_digest_of_store,
+)
 from dm_assets.store.store import Store
 
 if TYPE_CHECKING:
@@ -23,20 +46,35 @@ if TYPE_CHECKING:
     from dm_assets.regression.config import RegressionConfig
     from dm_assets.regression.fit import FitFolder
 
+logger = logging.getLogger(__name__)
+
+_REFIT = (
+    "refit on the store as it is now (materialize <experiment>/regression_dataset then "
+    "<experiment>/datamodels, or write the dataset again and rerun python -m "
+    "dm_assets.regression.compute_datamodels), then evaluate the new fit"
+)
+_ROWS_PER_CHUNK = 4096
+
 
 class HeldOutError(DmError, ValueError):
-    """Too few held-out models are trained to judge a fit."""
+    """No trustworthy held-out set for a fit: too few held-out models are trained, the fit's
+    folder does not record the models it used (no manifest), or rows it used changed since."""
+
+
+class RowsChangedError(HeldOutError):
+    """Rows a fit used were rewritten since the fit (another configuration, other values, or
+    no longer completed); the message names what changed and says to refit."""
 
 
 @dataclass(frozen=True)
 class FitRows:
-    """Where a fit's models are and how the fit split them.
+    """Where a fit's models are.
 
-    ``store``: the store the dataset was written from; ``dataset``: the FFCV dataset the fit
-    read (its row order decides which models were used); ``x_name``, ``y_name``: the store keys
-    of the masks and the outputs; ``num_train``, ``num_val``: the dataset's first rows that
-    fitted and chose lambda; ``target_start``, ``target_end``: the fitted targets, columns
-    ``[target_start, target_end)`` of the outputs (-1: to the end).
+    ``store``: the store the dataset was written from (read now); ``x_name``, ``y_name``: the
+    store keys of the masks and the outputs (the manifest's own, when it records them, win).
+    ``dataset``, ``num_train``, ``num_val``, ``target_start``, ``target_end``: the experiment's
+    *current* settings; the evaluation uses the fit's manifest instead and only warns where
+    they differ (so a user sees that a refit would use another split).
     """
 
     store: Path
@@ -67,16 +105,172 @@ class FitRows:
         )
 
 
-def fitted_and_held_out(
-    dataset_path: str | Path, store: Store, num_train: int, num_val: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(seen, held)``: the model indices the fit used (the dataset's first
-    ``num_train + num_val`` rows, in their order) and the held-out ones (completed models of
-    ``store`` that are not among them, in increasing order); int64 arrays."""
-    from dm_assets.regression.beton_reader import beton_info
+def fit_manifest(fit: FitFolder) -> FitManifest:
+    """The fit's manifest; a folder without one (or with an unreadable one) is a
+    :class:`HeldOutError` saying why it cannot be evaluated and to refit."""
+    try:
+        return fit.manifest()
+    except (ManifestMissingError, ManifestError) as exc:
+        raise HeldOutError(
+            f"cannot tell which models are held out: {exc}", source=fit.path
+        ) from exc
 
-    seen = beton_info(dataset_path).model_indices[: num_train + num_val]
-    return seen, np.setdiff1d(store.completed_indices(), seen)
+
+@dataclass(frozen=True)
+class HeldOutSet:
+    """A fit's models in the store now: ``fitted`` int64 ``(num_train + num_val,)`` (train
+    then validation, from the manifest), ``held_out`` int64 ``(n,)`` (completed, not fitted,
+    mask unlike every fitted mask; increasing), ``excluded_same_mask`` int64 ``(m,)``
+    (completed, not fitted, but with a fitted model's mask), and the ``manifest``."""
+
+    manifest: FitManifest
+    fitted: np.ndarray
+    held_out: np.ndarray
+    excluded_same_mask: np.ndarray
+    x_name: str
+    y_name: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.manifest.train_indices)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.manifest.val_indices)
+
+
+def _describe_configuration_change(
+    manifest: FitManifest, now: dict[int, Any], before: int, after: int
+) -> str:
+    if after == UNKNOWN_CONFIGURATION:
+        return f"configuration {before} -> unknown"
+    if before == UNKNOWN_CONFIGURATION or before not in manifest.configurations:
+        return f"configuration unknown -> {after}"
+    if after not in now:
+        return f"configuration {before} -> {after}"
+    from dm_assets.training.configuration import TrainingConfiguration
+
+    old = TrainingConfiguration.from_dict(manifest.configurations[before]["configuration"])
+    lines = old.differences(now[after])
+    detail = f" ({'; '.join(lines)})" if lines else ""
+    return f"configuration {before} -> {after}{detail}"
+
+
+def check_rows_unchanged(
+    manifest: FitManifest, store: Store, *, x_name: str, y_name: str, source: Path | None = None
+) -> None:
+    """Raise :class:`RowsChangedError` when the rows the fit used differ now from what the
+    manifest recorded: no longer completed, another configuration id (when the manifest read
+    the ids from the store), or another digest of their masks and outputs
+    (:func:`~dm_assets.regression.manifest.rows_digest_of_store`)."""
+    fitted = manifest.fitted_indices
+    problems = []
+    if len(fitted) and int(fitted.max()) >= store.spec.num_models:
+        raise RowsChangedError(
+            f"the fit used models up to {int(fitted.max())} but the store {store.path} holds "
+            f"{store.spec.num_models}: this is not the store the fit came from; {_REFIT}",
+            source=source,
+        )
+    gone = fitted[~store.completed_mask()[fitted]]
+    if len(gone):
+        problems.append(
+            f"{len(gone)} of the {len(fitted)} models the fit used are no longer completed "
+            f"(e.g. {gone[:5].tolist()})"
+        )
+    before = manifest.row_configuration_ids().astype(np.int64)
+    after = np.asarray(store.configuration_ids(fitted), dtype=np.int64)
+    # a fit not told its store recorded every id as unknown without reading them: only the
+    # rows' digest can tell a change then
+    changed = np.flatnonzero(before != after) if manifest.store is not None else np.zeros(0, int)
+    if len(changed):
+        now = store.configurations()
+        examples = [
+            f"model {int(fitted[i])}: "
+            + _describe_configuration_change(manifest, now, int(before[i]), int(after[i]))
+            for i in changed[:5]
+        ]
+        problems.append(
+            f"{len(changed)} of the {len(fitted)} models the fit used were written since under "
+            f"another training configuration: {', '.join(examples)}"
+        )
+    if not problems:
+        digest = rows_digest_of_store(store, fitted, x_name=x_name, y_name=y_name)
+        if digest != manifest.rows.get("digest"):
+            problems.append(
+                f"the masks or outputs of the {len(fitted)} models the fit used changed since "
+                f"the fit (rows digest {manifest.rows.get('digest')} at the fit, {digest} now)"
+            )
+    if problems:
+        raise RowsChangedError(
+            [*problems, f"the fit's weights describe rows that no longer exist: {_REFIT}"],
+            source=source,
+        )
+
+
+def _mask_keys(masks: np.ndarray, indices: np.ndarray) -> list[bytes]:
+    """A 16-byte digest of each mask row ``indices`` of ``masks`` (equal rows, equal keys)."""
+    keys = []
+    for start in range(0, len(indices), _ROWS_PER_CHUNK):
+        part = np.asarray(masks[indices[start : start + _ROWS_PER_CHUNK]])
+        part = np.ascontiguousarray(part.reshape(len(part), -1), dtype=np.uint8)
+        keys += [hashlib.blake2b(row.data, digest_size=16).digest() for row in part]
+    return keys
+
+
+def held_out_set(
+    fit: FitFolder, store: Store, *, x_name: str, y_name: str, check: bool = True
+) -> HeldOutSet:
+    """The held-out models of ``fit`` in ``store`` now (see :class:`HeldOutSet`), after
+    checking (unless ``check`` is false) that the rows it used are unchanged.
+
+    ``x_name``, ``y_name``: the store keys, used when the manifest does not record them.
+
+    Raises
+    ------
+    HeldOutError
+        The fit has no manifest.
+    RowsChangedError
+        Rows the fit used changed since (see :func:`check_rows_unchanged`).
+    """
+    manifest = fit_manifest(fit)
+    if manifest.store is not None:
+        x_name, y_name = manifest.store["x_name"], manifest.store["y_name"]
+    if check:
+        check_rows_unchanged(manifest, store, x_name=x_name, y_name=y_name, source=fit.path)
+    fitted = manifest.fitted_indices
+    candidates = np.setdiff1d(store.completed_indices(), fitted)
+    masks = store.read(x_name)
+    seen = set(_mask_keys(masks, fitted))
+    same = np.asarray([k in seen for k in _mask_keys(masks, candidates)], dtype=bool).reshape(
+        len(candidates)
+    )
+    if same.any():
+        logger.warning(
+            "%d completed model(s) the fit did not use have the mask of a model it used (e.g. "
+            "%s): left out of the held-out set, since the fit saw that training set",
+            int(same.sum()),
+            candidates[same][:5].tolist(),
+        )
+    return HeldOutSet(
+        manifest=manifest,
+        fitted=fitted,
+        held_out=candidates[~same],
+        excluded_same_mask=candidates[same],
+        x_name=x_name,
+        y_name=y_name,
+    )
+
+
+def _warn_where_settings_moved(manifest: FitManifest, rows: FitRows) -> None:
+    fitted_as = (len(manifest.train_indices), len(manifest.val_indices))
+    if (rows.num_train, rows.num_val) != fitted_as:
+        logger.warning(
+            "the experiment now says num_train=%d, num_val=%d but this fit used %d and %d "
+            "(its manifest): evaluating the fit as it was made; refit to use the new split",
+            rows.num_train,
+            rows.num_val,
+            *fitted_as,
+        )
 
 
 def read_rows(
@@ -96,23 +290,26 @@ def read_rows(
 
 
 def held_out_predictions(
-    weights: dict[str, Any], rows: FitRows
+    fit: FitFolder, rows: FitRows
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(model_indices, predicted, actual)`` on the held-out models: int64 ``(n,)`` and
-    float64 ``(n, t)`` twice, ``weights`` being the fit's ``datamodels.pt``."""
+    """``(model_indices, predicted, actual)`` on the held-out models of ``fit`` (its manifest's
+    :func:`held_out_set`, rows checked unchanged): int64 ``(n,)`` and float64 ``(n, t)``
+    twice."""
     from dm_assets.evaluation.metrics import predict
 
+    manifest = fit_manifest(fit)
+    start, end = manifest.targets
     with Store.open(rows.store) as store:
-        _, held = fitted_and_held_out(rows.dataset, store, rows.num_train, rows.num_val)
+        held = held_out_set(fit, store, x_name=rows.x_name, y_name=rows.y_name)
         masks, actual = read_rows(
             store,
-            held,
-            x_name=rows.x_name,
-            y_name=rows.y_name,
-            target_start=rows.target_start,
-            target_end=rows.target_end,
+            held.held_out,
+            x_name=held.x_name,
+            y_name=held.y_name,
+            target_start=start,
+            target_end=end,
         )
-    return held, predict(weights, masks), actual
+    return held.held_out, predict(fit.weights(), masks), actual
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,31 +339,42 @@ def evaluate_fit(
     fit: FitFolder,
     rows: FitRows,
     *,
-    config: RegressionConfig,
+    config: RegressionConfig | None = None,
     curve_sizes: Sequence[int] = (),
     experiment: str,
 ) -> FitEvaluation:
-    """Judge the fit in ``fit`` on the held-out models of ``rows`` and write the evaluation
-    files beside it (:data:`~dm_assets.regression.fit.EVALUATION_FILES`).
+    """Judge the fit in ``fit`` on its held-out models and write the evaluation files beside
+    it (:data:`~dm_assets.regression.fit.EVALUATION_FILES`).
+
+    The held-out models are those of :func:`held_out_set`: completed in the store now, not
+    among the manifest's ``train_indices`` and ``val_indices``, with a mask unlike theirs; the
+    rows the fit used are checked unchanged first. ``evaluation.json`` records them
+    (``held_out_indices``, ``excluded_same_mask``) and the digests checked.
 
     Parameters
     ----------
     fit : FitFolder
-        The fit to judge; its weights predict, and its folder receives the files.
+        The fit to judge (with its ``manifest.json``); its weights predict, and its folder
+        receives the files.
     rows : FitRows
-        The store and dataset it was fitted from, and its split of the dataset's rows.
-    config : RegressionConfig
-        The fit's configuration: the LDS curve refits with its settings.
+        The store the fit's dataset was written from (read now); its split and target range
+        are the experiment's current ones, compared with the manifest's (a warning where they
+        differ) but not used.
+    config : RegressionConfig, optional
+        Settings of the LDS curve's refits (``cfg``, ``early_stopping``); default the fit's
+        own (its manifest's ``regression``). The split is always the manifest's.
     curve_sizes : sequence of int
-        Training-model counts to refit on for the LDS curve (increasing, each at most
-        ``rows.num_train``); empty: no curve (the curve's figure says so).
+        Training-model counts to refit on for the LDS curve (increasing, each at most the
+        fit's number of training models); empty: no curve (the curve's figure says so).
     experiment : str
         The experiment's name, in messages and the curve's title.
 
     Raises
     ------
     HeldOutError
-        Fewer than 3 held-out models are trained.
+        The fit has no manifest, or fewer than 3 held-out models are trained.
+    RowsChangedError
+        Rows the fit used changed since the fit (retrained, rewritten, no longer completed).
     """
     import pandas as pd
 
@@ -174,15 +382,22 @@ def evaluate_fit(
     from dm_assets.evaluation.curve import lds_curve
     from dm_assets.evaluation.figures import plot_lds_curve, plot_predicted_vs_actual
     from dm_assets.evaluation.metrics import evaluate, predict
+    from dm_assets.regression.config import load_config
 
+    manifest = fit_manifest(fit)
+    _warn_where_settings_moved(manifest, rows)
+    target_start, target_end = manifest.targets
     weights = fit.weights()
     with Store.open(rows.store) as store:
-        seen, held = fitted_and_held_out(rows.dataset, store, rows.num_train, rows.num_val)
+        chosen = held_out_set(fit, store, x_name=rows.x_name, y_name=rows.y_name)
+        seen, held = chosen.fitted, chosen.held_out
         if len(held) < 3:
+            excluded = len(chosen.excluded_same_mask)
             raise HeldOutError(
                 f"only {len(held)} held-out model(s) of {experiment!r} are trained "
-                f"(completed models beyond the {len(seen)} the fit used): train the "
-                "partitions after them",
+                f"(completed models beyond the {len(seen)} the fit used"
+                + (f", {excluded} more left out for sharing a fitted mask" if excluded else "")
+                + "): train the partitions after them",
                 source=rows.store,
             )
         # the curve refits on the seen models and scores the held-out ones: read them all
@@ -191,10 +406,10 @@ def evaluate_fit(
         x, y = read_rows(
             store,
             order,
-            x_name=rows.x_name,
-            y_name=rows.y_name,
-            target_start=rows.target_start,
-            target_end=rows.target_end,
+            x_name=chosen.x_name,
+            y_name=chosen.y_name,
+            target_start=target_start,
+            target_end=target_end,
         )
     masks, actual = x[len(order) - len(held) :], y[len(order) - len(held) :]
     predicted = predict(weights, masks)
@@ -205,10 +420,10 @@ def evaluate_fit(
             x,
             y,
             sizes=curve_sizes,
-            num_train=rows.num_train,
-            num_val=rows.num_val,
+            num_train=chosen.num_train,
+            num_val=chosen.num_val,
             held_out=slice(len(seen), len(order)),
-            config=config,
+            config=config if config is not None else load_config(None, manifest.regression),
         )
     ceiling = result.noise_ceiling
     plot_lds_curve(
@@ -223,10 +438,15 @@ def evaluate_fit(
         "r2": result.r2,
         "noise_ceiling": ceiling,
         "curve": [p.to_dict() for p in curve],
+        "held_out_indices": [int(i) for i in held],
+        "excluded_same_mask": [int(i) for i in chosen.excluded_same_mask],
+        "rows_digest": manifest.rows.get("digest"),
+        "dataset_digest": manifest.dataset.get("digest"),
+        "evaluated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     per_target = pd.DataFrame(
         {
-            "target": np.arange(result.n_targets) + rows.target_start,
+            "target": np.arange(result.n_targets) + target_start,
             "lds": result.lds_per_target,
             "pearson": result.pearson_per_target,
             "r2": result.r2_per_target,

@@ -11,6 +11,15 @@ An experiment file holds::
       job_timeout: 600                  # seconds per model (default: none)
       retries: 1                        # extra rounds for models that failed
       commit_every: 1.0                 # seconds a trained row may wait to be stored with others
+      version: null                     # the training code's version (a tag, a commit); default:
+                                        # the hash of main_import's source file. Part of the
+                                        # training configuration with the spec's schema, the
+                                        # args and the versions of dm_assets/torch/numpy
+      on_change: refuse                 # the store holds models of another configuration:
+                                        # refuse (the run fails before training, naming what
+                                        # changed), retrain (the selected partitions' rows of
+                                        # other configurations are trained again and replaced)
+                                        # or mix (train what is missing; recorded as mixed)
     models_per_partition: 50            # consecutive model indices per partition (1: per model)
     max_partitions_per_run: 20          # a backfill groups this many partitions into one run
     devices:
@@ -90,6 +99,18 @@ class TrainerSettings(_Strict):
     retries: int = Field(default=1, ge=0, description="extra rounds for models that failed")
     commit_every: float = Field(
         default=1.0, ge=0, description="seconds a trained row may wait to be stored with others"
+    )
+    version: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the training code's version (a tag, a commit), declared instead of the "
+        "hash of main_import's source file (for code that lives in many files)",
+    )
+    on_change: Literal["refuse", "retrain", "mix"] = Field(
+        default="refuse",
+        description="when the store holds models of another training configuration: refuse "
+        "(fail before training), retrain (replace the selected partitions' rows of other "
+        "configurations) or mix (train what is missing, recorded as mixed)",
     )
 
     @field_validator("main_import")

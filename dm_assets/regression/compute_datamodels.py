@@ -12,6 +12,11 @@ each file's contents with shapes and dtypes):
 ``summary.json``            solver, device, seconds, models and features used, mean chosen
                             lambda / lambda_max, mean nonzeros, mean validation R^2
 ``config.yaml``             the resolved configuration
+``manifest.json``           the exact model indices used (the dataset's ``idx`` of its first
+                            ``num_train`` and next ``num_val`` rows), the dataset's size and
+                            sha256, a digest of the rows used, versions; this command knows no
+                            store, so the rows' training configurations are recorded as unknown
+                            (:mod:`dm_assets.regression.manifest`)
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dm_assets.regression.config import ConfigError, RegressionConfig, load_conf
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.fit import FitFolder
 from dm_assets.regression.gram import fit_gram
+from dm_assets.regression.manifest import FitManifest, ManifestError, build_manifest
 from dm_assets.regression.path import LassoPathResult
 from dm_assets.regression.stats import accumulate_stats
 
@@ -215,16 +221,24 @@ def path_table(result: LassoPathResult, target_offset: int = 0) -> pd.DataFrame:
     return frame[frame["nonzeros"] >= 0].reset_index(drop=True)
 
 
-def write_outputs(fit: Datamodels, out_dir: str | Path, config: RegressionConfig) -> Path:
+def write_outputs(
+    fit: Datamodels,
+    out_dir: str | Path,
+    config: RegressionConfig,
+    *,
+    manifest: FitManifest | None = None,
+) -> Path:
     """Write the fit folder ``out_dir`` (see the module docstring) atomically with
-    :meth:`FitFolder.write <dm_assets.regression.fit.FitFolder.write>`; refuse an existing one.
-    Returns ``out_dir`` as given."""
+    :meth:`FitFolder.write <dm_assets.regression.fit.FitFolder.write>`, with ``manifest``
+    (:func:`~dm_assets.regression.manifest.build_manifest`; None for a fit of arrays that no
+    dataset describes); refuse an existing one. Returns ``out_dir`` as given."""
     FitFolder.write(
         out_dir,
         weights=fit.result.seed_dict(),
         path_table=path_table(fit.result, config["data"]["target_start_ind"]),
         summary=fit.summary,
         config=config.to_dict(),
+        manifest=manifest,
     )
     return Path(out_dir)
 
@@ -257,9 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"cfg.out_dir={out_dir} already exists; choose a new "
                 "directory (nothing is overwritten)"
             )
+        manifest = build_manifest(config)
         fit = compute_datamodels(config)
-        write_outputs(fit, out_dir, config)
-    except (ConfigError, BetonError, FileExistsError, FileNotFoundError) as exc:
+        write_outputs(fit, out_dir, config, manifest=manifest)
+    except (ConfigError, BetonError, ManifestError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     logger.info("wrote %s", out_dir)

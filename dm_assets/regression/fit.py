@@ -29,17 +29,38 @@ evaluation's figures add :data:`EVALUATION_FILES` beside them (each file replace
 =============================== ===============================================================
 ``evaluation.json``             JSON object: ``held_out_models``, ``targets`` int; ``lds``,
                                 ``pearson``, ``r2`` float; ``noise_ceiling`` float or null;
-                                ``curve``: list of ``{n_train, n_models_used, lds, pearson, r2}``
+                                ``curve``: list of ``{n_train, n_models_used, lds, pearson, r2}``;
+                                ``held_out_indices``: list of int, the models scored (read
+                                from the manifest: completed, neither trained nor validated
+                                on); ``excluded_same_mask``: list of int, completed models left
+                                out because their mask equals a fitted model's;
+                                ``rows_digest``, ``dataset_digest`` of the manifest checked;
+                                ``evaluated``: ISO time (fits made before the manifest lack
+                                the last five)
 ``evaluation_per_target.csv``   one row per target: ``target`` int, ``lds``, ``pearson``,
                                 ``r2`` float (NaN for a constant target)
 ``lds_curve.png``               LDS against the number of models used in the fit
 ``predicted_vs_actual.png``     predicted against actual outputs on held-out models
 =============================== ===============================================================
 
+The lineage of the fit, written in the same temporary folder as the fit files (so it is there
+exactly when they are), is :data:`MANIFEST_FILE`:
+
+=============================== ===============================================================
+``manifest.json``               JSON object: the exact model indices that fitted
+                                (``train_indices``) and chose lambda (``val_indices``), the
+                                dataset (path, bytes, sha256, rows), a digest of the rows used,
+                                their training configurations, the regression settings, code
+                                and library versions, the Dagster and MLflow run ids (every
+                                field: :mod:`dm_assets.regression.manifest`)
+=============================== ===============================================================
+
+It is optional on :meth:`FitFolder.open` (folders written before it existed lack it);
+:meth:`FitFolder.manifest` says so clearly. Its run ids are recorded once known
+(:meth:`FitFolder.record_runs`, an atomic rewrite).
+
 Every file has one writer and one reader in the ``_FIT_CODECS`` / ``_EVALUATION_CODECS`` tables
-below, so another owned file (the lineage manifest, ``manifest.json``) is one more table entry,
-one more keyword of :meth:`FitFolder.write` and one accessor; a file added later is optional on
-:meth:`FitFolder.open`, since older folders lack it.
+below; a file added later is optional on :meth:`FitFolder.open`, since older folders lack it.
 
 The science layer: no dagster, no mlflow. torch is imported only when weights are read or
 written, so opening a folder and reading its tables stays cheap.
@@ -60,6 +81,7 @@ import pandas as pd
 import yaml
 
 from dm_assets.errors import DmError
+from dm_assets.regression.manifest import FitManifest
 
 
 def _save_weights(path: Path, weights: dict[str, Any]) -> None:
@@ -101,6 +123,8 @@ EVALUATION_FILES: tuple[str, ...] = (
 )
 """The files an evaluation adds beside a fit (the two figures are drawn by the evaluation
 itself, into :meth:`FitFolder.file`)."""
+MANIFEST_FILE = "manifest.json"
+"""The fit's lineage (see the module docstring); absent in folders written before it existed."""
 
 
 class FitFolderError(DmError, FileNotFoundError):
@@ -109,6 +133,22 @@ class FitFolderError(DmError, FileNotFoundError):
 
 class FitFileError(DmError, ValueError):
     """A fit folder's file that does not hold what ``write_outputs`` writes."""
+
+
+class ManifestMissingError(FitFolderError):
+    """A fit folder without ``manifest.json``: written before fits recorded their lineage."""
+
+
+def _write_atomically(target: Path, save: Callable[[Path, Any], None], value: Any) -> None:
+    """``save`` ``value`` to a temporary sibling of ``target``, then rename it over ``target``
+    (readers see the old file or the new one, never a partial one)."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save(tmp, value)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -156,6 +196,7 @@ class FitFolder:
         path_table: pd.DataFrame,
         summary: dict[str, Any],
         config: dict[str, Any],
+        manifest: FitManifest | None = None,
     ) -> FitFolder:
         """Write a new fit folder at ``path``: the files are written into a temporary sibling
         folder, which is renamed to ``path`` when all are complete (after a failure nothing is
@@ -175,6 +216,9 @@ class FitFolder:
             ``summary.json``: a JSON-serializable mapping.
         config
             ``config.yaml``: the resolved configuration's sections.
+        manifest
+            ``manifest.json``: the fit's lineage, written with the other files (None: none,
+            for fits of arrays in memory that no dataset or store describes).
 
         Raises
         ------
@@ -199,6 +243,8 @@ class FitFolder:
         try:
             for name, save in _FIT_CODECS.items():
                 save(tmp / name, contents[name])
+            if manifest is not None:
+                _save_json(tmp / MANIFEST_FILE, manifest.to_dict())
             os.rename(tmp, out_dir)  # fails rather than replace a directory made meanwhile
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,13 +252,12 @@ class FitFolder:
         return cls.open(out_dir)
 
     def file(self, name: str) -> Path:
-        """The path of the folder's file ``name``, one of :data:`FIT_FILES` or
-        :data:`EVALUATION_FILES` (an evaluation file may not exist yet)."""
-        if name not in FIT_FILES and name not in EVALUATION_FILES:
-            raise ValueError(
-                f"name={name!r} is not a fit folder file: use one of "
-                f"{list(FIT_FILES) + list(EVALUATION_FILES)}"
-            )
+        """The path of the folder's file ``name``, one of :data:`FIT_FILES`,
+        :data:`EVALUATION_FILES` or :data:`MANIFEST_FILE` (an evaluation file or the manifest
+        may not exist)."""
+        known = [*FIT_FILES, *EVALUATION_FILES, MANIFEST_FILE]
+        if name not in known:
+            raise ValueError(f"name={name!r} is not a fit folder file: use one of {known}")
         return self.path / name
 
     def weights(self, map_location: Any = "cpu") -> dict[str, Any]:
@@ -243,6 +288,46 @@ class FitFolder:
             "config.yaml", yaml.safe_load, "the config's sections (data, cfg, early_stopping)"
         )
 
+    def has_manifest(self) -> bool:
+        """Whether the folder holds ``manifest.json`` (folders written before it do not)."""
+        return self.file(MANIFEST_FILE).is_file()
+
+    def manifest(self) -> FitManifest:
+        """``manifest.json``: the models, dataset, configurations and code the fit came from.
+
+        Raises
+        ------
+        ManifestMissingError
+            The folder was written before fits recorded their lineage: which models it was
+            fitted on is unknown; the message says so and how to get a fit that records it.
+        ManifestError
+            The file is not a manifest this version reads.
+        """
+        if not self.has_manifest():
+            raise ManifestMissingError(
+                f"{self.path} has no {MANIFEST_FILE}: it was written before fits recorded "
+                "their lineage, so the models it was fitted on (and therefore which models "
+                "are held out) are unknown; refit to get a fit that records them "
+                "(materialize <experiment>/datamodels, or run python -m "
+                "dm_assets.regression.compute_datamodels again)",
+                source=self.path,
+            )
+        return FitManifest.from_dict(
+            self._mapping(MANIFEST_FILE, json.loads, "a JSON object"), self.file(MANIFEST_FILE)
+        )
+
+    def record_runs(
+        self, *, dagster_run_id: str | None = None, mlflow_run_id: str | None = None
+    ) -> FitManifest:
+        """Record the Dagster and MLflow runs of the fit in its manifest (None: kept as it
+        is), rewriting ``manifest.json`` atomically; returns the new manifest. Raises
+        :class:`ManifestMissingError` for a folder without one."""
+        manifest = self.manifest().with_runs(
+            dagster_run_id=dagster_run_id, mlflow_run_id=mlflow_run_id
+        )
+        _write_atomically(self.file(MANIFEST_FILE), _save_json, manifest.to_dict())
+        return manifest
+
     def evaluation(self) -> dict[str, Any] | None:
         """``evaluation.json``, or None when the fit was not evaluated."""
         if not self.file("evaluation.json").is_file():
@@ -259,14 +344,7 @@ class FitFolder:
         docstring), each to a temporary name replacing the older file when complete."""
         contents = {"evaluation.json": evaluation, "evaluation_per_target.csv": per_target}
         for name, save in _EVALUATION_CODECS.items():
-            target = self.file(name)
-            tmp = target.with_name(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-            try:
-                save(tmp, contents[name])
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            _write_atomically(self.file(name), save, contents[name])
 
     def point_link(self, link: str | os.PathLike[str]) -> None:
         """Make ``link`` a relative symbolic link to this folder, replacing an older link

@@ -20,6 +20,11 @@ fit folders (written by ``write_outputs``) into one folder with the same files:
 ``config.yaml``            the first slice's config with the target range of the union and
                            ``cfg.out_dir`` the merged folder (``cfg.device``: the slices' common
                            device, ``auto`` where they differ)
+``manifest.json``          the slices' common lineage (the same train and validation model
+                           indices, dataset, rows digest and configurations: checked), the
+                           merged config, the union of the targets, ``slices`` (each slice's
+                           folder, targets and run ids) and the merge's Dagster run; absent
+                           only when no slice has one (fits of arrays in memory)
 ========================== ====================================================================
 
 The science layer: no dagster, no mlflow.
@@ -38,6 +43,7 @@ import torch
 
 from dm_assets.errors import DmError
 from dm_assets.regression.fit import FitFolder, FitFolderError
+from dm_assets.regression.manifest import FitManifest, ManifestError, merged_manifest
 
 # config keys that legitimately differ between slices of one regression
 _PER_SLICE_KEYS = {
@@ -96,6 +102,7 @@ class _SliceFit:
     path: pd.DataFrame
     summary: dict[str, Any]
     config: dict[str, dict[str, Any]]
+    manifest: FitManifest | None
 
     @property
     def start(self) -> int:
@@ -127,6 +134,7 @@ def _read_all(slice_dirs: Sequence[str | Path]) -> list[_SliceFit]:
                 path=folder.path_table(),
                 summary=folder.summary(),
                 config=folder.config(),
+                manifest=folder.manifest() if folder.has_manifest() else None,
             )
         )
     if problems:
@@ -224,7 +232,33 @@ def _config(fits: Sequence[_SliceFit], out_dir: Path) -> dict[str, dict[str, Any
     return config
 
 
-def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+def _manifest(
+    fits: Sequence[_SliceFit], config: dict[str, Any], dagster_run_id: str | None
+) -> FitManifest | None:
+    without = [str(f.folder) for f in fits if f.manifest is None]
+    if len(without) == len(fits):
+        return None
+    if without:
+        raise MergeError(
+            [
+                f"{folder} has no manifest.json (fitted before fits recorded their lineage) "
+                "while other slices have one: refit it so every slice records its models"
+                for folder in without
+            ]
+        )
+    try:
+        return merged_manifest(
+            [(f.folder, f.manifest) for f in fits if f.manifest is not None],
+            regression=config,
+            dagster_run_id=dagster_run_id,
+        )
+    except ManifestError as exc:
+        raise MergeError(exc.problems) from exc
+
+
+def merge_fits(
+    slice_dirs: Sequence[str | Path], out_dir: str | Path, *, dagster_run_id: str | None = None
+) -> Path:
     """Merge fit folders of slices of the targets into ``out_dir`` (see the module docstring),
     written under a temporary name and renamed when complete; an existing ``out_dir`` is
     refused.
@@ -238,6 +272,8 @@ def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         range and the device).
     out_dir
         The merged folder; must not exist.
+    dagster_run_id
+        The Dagster run merging, recorded in the merged manifest.
 
     Raises
     ------
@@ -266,11 +302,13 @@ def merge_fits(slice_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     path = pd.concat([f.path for f in fits], ignore_index=True)
     path = path.sort_values(["target", "step"], kind="stable").reset_index(drop=True)
 
+    config = _config(fits, out_dir)
     FitFolder.write(
         out_dir,
         weights=weights,
         path_table=path,
         summary=_summary(fits),
-        config=_config(fits, out_dir),
+        config=config,
+        manifest=_manifest(fits, config, dagster_run_id),
     )
     return out_dir

@@ -26,6 +26,9 @@ from dm_assets.errors import DmError
 COMPLETED_KEY = "_completed"
 """Name of the per-model completion flags, reserved in every store."""
 
+CONFIGURATION_KEY = "_configuration"
+"""Name of the per-model configuration ids (int32, ``-1`` unknown), reserved in every store."""
+
 # A key becomes a file name `<key>.npy`; 255 bytes is the usual file-name limit.
 _MAX_KEY_BYTES = 200
 _STORABLE_KINDS = "biufc"  # bool, signed, unsigned, float, complex

@@ -6,12 +6,15 @@ starts seed-compatible workers on groups of the indices left to train (the same 
 
     python -m dm_assets.worker --worker.indices=<group> --worker.logdir=<store>
         --worker.main_import=<module> --worker.report=<json> --worker.commit_every=<s>
-        [--worker.job_timeout=<s>] <script arguments>
+        [--worker.job_timeout=<s>] [--worker.version=<v>] [--worker.on_change=<what>]
+        <script arguments>
 
 waits for them to end, reads what they reported (each worker's ``--worker.report`` JSON, the
 store's completion flags and how the transport saw the worker end: :class:`Finished`) into a
 :class:`TrainingReport`, and runs the indices still incomplete in a new round, up to
-``retries`` more rounds (:func:`run_rounds`). The transports only start, wait for and stop
+``retries`` more rounds (:func:`run_rounds`). An index counts as done when its completion flag
+is set and its row was not written under one of the configurations being replaced
+(``on_change: retrain``, :func:`done_mask`). The transports only start, wait for and stop
 workers: :mod:`dm_assets.training.local` (worker processes on this machine's device slots) and
 :mod:`dm_assets.training.slurm` (SLURM job arrays).
 
@@ -26,7 +29,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # Lines of a worker's log quoted in the reason of each index it left incomplete.
 LOG_TAIL_LINES = 20
+# What a worker does when the store holds completed rows of another training configuration.
+ON_CHANGE = ("refuse", "retrain", "mix")
 
 K = TypeVar("K")
 
@@ -161,7 +166,11 @@ class WorkerCommand:
     ``python`` runs ``-m dm_assets.worker`` on the store at ``store_dir`` with the training
     script ``main_import`` (its ``main(index, logdir)``), ``commit_every`` (seconds a trained
     row may wait to be stored with the next), ``job_timeout`` (seconds per index, or none) and
-    ``script_args`` (passed to the script).
+    ``script_args`` (passed to the script). ``version``: the trainer's declared version
+    (``--worker.version``, part of the training configuration; none: the script's source is
+    hashed); ``on_change``: what the worker does when the store holds rows of another
+    configuration (``--worker.on_change``: refuse, retrain or mix; none: the worker's default,
+    refuse).
     """
 
     python: str
@@ -170,6 +179,8 @@ class WorkerCommand:
     script_args: Sequence[str] = ()
     job_timeout: float | None = None
     commit_every: float = 1.0
+    version: str | None = None
+    on_change: str | None = None
 
     def argv(
         self, indices: str, report: str, *, quote: Callable[[str], str] = lambda word: word
@@ -189,6 +200,12 @@ class WorkerCommand:
             *(
                 [quote(f"--worker.job_timeout={float(self.job_timeout)!r}")]
                 if self.job_timeout is not None
+                else []
+            ),
+            *([quote(f"--worker.version={self.version}")] if self.version is not None else []),
+            *(
+                [quote(f"--worker.on_change={self.on_change}")]
+                if self.on_change is not None
                 else []
             ),
             *(quote(a) for a in self.script_args),
@@ -238,6 +255,10 @@ def check_arguments(
         found.append(f"retries: must be an integer >= 0 (extra rounds); got {retries!r}")
     if not commit_every >= 0:
         found.append(f"commit_every: must be >= 0 seconds; got {commit_every!r}")
+    if command.on_change not in (None, *ON_CHANGE):
+        found.append(
+            f"on_change: must be one of {', '.join(ON_CHANGE)} or None; got {command.on_change!r}"
+        )
     found.extend(problems)
     if found:
         raise ValueError(f"{launcher}: " + "; ".join(found))
@@ -314,11 +335,12 @@ def collect_round(
     """Record a round's outcomes in ``report``, replacing what earlier rounds said of its
     indices; the indices to run again, increasing.
 
-    ``completed``: the store's completion flags after the round (bool, ``(num_models,)``). An
-    index is trained (or skipped, when its worker found it completed by someone else) if its
-    flag is set; else failed, with its worker's message when the worker reported one, or how
-    the worker ended and the last lines of its log. It runs again unless its worker's failures
-    would repeat (:attr:`Finished.final`, or a report with a usage error's exit code).
+    ``completed``: which rows are done after the round (bool, ``(num_models,)``: the store's
+    completion flags, or :func:`done_mask`). An index is trained (or skipped, when its worker
+    found it completed by someone else) if its row is done; else failed, with its worker's
+    message when the worker reported one, or how the worker ended and the last lines of its
+    log. It runs again unless its worker's failures would repeat (:attr:`Finished.final`, or a
+    report with a usage error's exit code).
     """
     again: list[int] = []
     for worker in finished:
@@ -346,17 +368,30 @@ def collect_round(
     return sorted(again)
 
 
-def skip_completed(store: Store, block: Sequence[int], report: TrainingReport) -> list[int]:
-    """The block's indices still to train, in order; the completed ones go to
-    ``report.skipped``. Raises :class:`~dm_assets.store.store.StoreError` for indices outside the
-    store."""
+def done_mask(store: Store, replace: Collection[int] = ()) -> np.ndarray:
+    """Which rows of ``store`` are done: bool ``(num_models,)``, its completion flags, except
+    rows written under a configuration id in ``replace`` (the configurations an
+    ``on_change: retrain`` launch replaces: such a row stays readable, and completed, until its
+    worker replaces it)."""
+    mask = store.completed_mask()
+    if replace:
+        mask = mask & ~np.isin(store.configuration_ids(), np.fromiter(replace, dtype=np.int64))
+    return mask
+
+
+def skip_completed(
+    store: Store, block: Sequence[int], report: TrainingReport, replace: Collection[int] = ()
+) -> list[int]:
+    """The block's indices still to train, in order; the done ones (:func:`done_mask` with
+    ``replace``) go to ``report.skipped``. Raises :class:`~dm_assets.store.store.StoreError` for
+    indices outside the store."""
     outside = [i for i in block if i >= store.spec.num_models]
     if outside:
         raise StoreError(
             f"indices {outside[:10]} are outside the store's range "
             f"[0, {store.spec.num_models}) at {store.path}"
         )
-    mask = store.completed_mask()
+    mask = done_mask(store, replace)
     report.skipped = [i for i in block if mask[i]]
     if report.skipped:
         logger.info(
@@ -382,8 +417,9 @@ def log_retry(again: Sequence[int], report: TrainingReport, retries: int, doing:
 
 
 class Progress:
-    """Calls ``callback(done, total)``, ``done`` counting the indices of ``block`` completed in
-    ``store``, at most every ``every`` seconds (or whenever forced)."""
+    """Calls ``callback(done, total)``, ``done`` counting the indices of ``block`` done in
+    ``store`` (:func:`done_mask` with ``replace``), at most every ``every`` seconds (or whenever
+    forced)."""
 
     def __init__(
         self,
@@ -391,9 +427,11 @@ class Progress:
         every: float,
         store: Store,
         block: Sequence[int],
+        replace: Collection[int] = (),
     ) -> None:
         self.callback, self.every, self.store = callback, every, store
         self.block = np.asarray(block, dtype=np.int64)
+        self.replace = frozenset(replace)
         self.due = 0.0
 
     def report(self, *, force: bool = True) -> None:
@@ -401,7 +439,7 @@ class Progress:
         if self.callback is None or (not force and now < self.due):
             return
         self.due = now + self.every
-        self.callback(int(self.store.completed_mask()[self.block].sum()), len(self.block))
+        self.callback(int(done_mask(self.store, self.replace)[self.block].sum()), len(self.block))
 
 
 def progress_lines(
@@ -449,6 +487,7 @@ def run_rounds(
     retries: int,
     on_progress: Callable[[int, int], None] | None,
     progress_every: float,
+    replace: Collection[int] = (),
 ) -> TrainingReport:
     """Train ``block`` (checked indices of the store at ``store_dir``) in rounds of
     ``transport``'s workers and say what happened.
@@ -468,6 +507,9 @@ def run_rounds(
         ``progress_every`` seconds) and at the end.
     progress_every : float
         Seconds between progress calls while workers run.
+    replace : collection of int
+        Configuration ids whose completed rows in ``block`` are trained again (the workers'
+        ``--worker.on_change=retrain`` replaces them); see :func:`done_mask`.
 
     On any exception (an interrupt, an exception from ``on_progress``) every worker is stopped
     (:meth:`Transport.stop`) before it goes on.
@@ -475,15 +517,15 @@ def run_rounds(
     started = time.monotonic()
     report = TrainingReport()
     with Store.open(store_dir) as store:
-        todo = skip_completed(store, block, report)
-        progress = Progress(on_progress, progress_every, store, block)
+        todo = skip_completed(store, block, report, replace)
+        progress = Progress(on_progress, progress_every, store, block, replace)
         progress.report()
         try:
             while todo and report.rounds <= retries:
                 report.rounds += 1
                 finished = transport.run_round(todo, report.rounds, progress)
                 report.processes += len(finished)
-                todo = collect_round(store.completed_mask(), finished, report)
+                todo = collect_round(done_mask(store, replace), finished, report)
                 log_retry(todo, report, retries, transport.doing)
         except BaseException:
             transport.stop()
@@ -494,6 +536,7 @@ def run_rounds(
 
 __all__ = [
     "LOG_TAIL_LINES",
+    "ON_CHANGE",
     "Finished",
     "Progress",
     "TrainingReport",
@@ -503,6 +546,7 @@ __all__ = [
     "collect_round",
     "compact_ranges",
     "completed_blocks",
+    "done_mask",
     "is_positive_int",
     "launcher_logs",
     "log_retry",

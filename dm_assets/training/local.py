@@ -6,7 +6,8 @@ one seed-compatible worker process per leased device on its chunk::
 
     python -m dm_assets.worker --worker.indices=<chunk> --worker.logdir=<store>
         --worker.main_import=<module> --worker.report=<json> --worker.commit_every=<s>
-        [--worker.job_timeout=<s>] <script arguments>
+        [--worker.job_timeout=<s>] [--worker.version=<v>] [--worker.on_change=<what>]
+        <script arguments>
 
 and then runs the indices that failed (an exception, a timeout, or a worker that died without
 its report) again in new processes, up to ``retries`` more rounds. Every worker runs in its own
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -253,6 +254,9 @@ def train_models(
     progress_every: float = 5.0,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    version: str | None = None,
+    on_change: str | None = None,
+    replace_configurations: Collection[int] = (),
 ) -> TrainingReport:
     """Train the models ``indices`` of the store at ``store_dir`` in worker processes, one per
     device of ``lease``, and say what happened.
@@ -264,6 +268,13 @@ def train_models(
     be stored with the next). A worker's environment is ``os.environ``, then ``env``, then its
     device's (:meth:`Device.env` with ``threads_per_worker``), and it inherits its device's
     locked slot descriptor, so the slot stays taken while it runs.
+
+    ``version`` and ``on_change`` go to the workers as ``--worker.version`` (the trainer's
+    declared version) and ``--worker.on_change`` (refuse, retrain or mix: what a worker does
+    when the store holds rows of another training configuration). Completed rows written under
+    a configuration id in ``replace_configurations`` are not skipped but trained again (with
+    ``on_change="retrain"`` the workers replace them; see
+    :func:`~dm_assets.training.launcher.done_mask`).
 
     Indices left incomplete by a round (failed, timed out, or lost with a worker that died) run
     again in a new round of processes, spread over the devices, up to ``retries`` more rounds;
@@ -286,7 +297,9 @@ def train_models(
     if not progress_every > 0:
         problems.append(f"progress_every: must be > 0 seconds; got {progress_every!r}")
     store = Path(store_dir).absolute()
-    command = WorkerCommand(python, store, main_import, script_args, job_timeout, commit_every)
+    command = WorkerCommand(
+        python, store, main_import, script_args, job_timeout, commit_every, version, on_change
+    )
     block = check_arguments("train_models", indices, command, retries=retries, problems=problems)
     with tempfile.TemporaryDirectory(prefix="dm-train-") as tmp:
         transport = _Processes(
@@ -297,7 +310,9 @@ def train_models(
             logs=launcher_logs(store, log_dir),
             reports=Path(tmp),
         )
-        return run_rounds(store, block, transport, retries, on_progress, progress_every)
+        return run_rounds(
+            store, block, transport, retries, on_progress, progress_every, replace_configurations
+        )
 
 
 __all__ = ["KILL_GRACE_SECONDS", "split_contiguous", "train_models"]

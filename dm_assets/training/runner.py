@@ -3,7 +3,8 @@ process.
 
     python -m dm_assets.worker --worker.index=I --worker.main_import=MODULE --worker.logdir=DIR
         [--worker.do_if_complete] [--worker.job_timeout=SECONDS] [--worker.kill_grace=SECONDS]
-        [--worker.commit_every=SECONDS] [--worker.report=PATH] [SCRIPT ARGUMENTS ...]
+        [--worker.commit_every=SECONDS] [--worker.report=PATH] [--worker.version=V]
+        [--worker.on_change=refuse|retrain|mix] [SCRIPT ARGUMENTS ...]
     python -m dm_assets.worker --worker.indices=0-99,120 ...   # one process, imported once
 
 For each index the worker calls ``MODULE.main(index=I, logdir="DIR/workers/I")``, checks the
@@ -12,9 +13,21 @@ returned ``{key: value}`` against the store's spec, and writes the row (see
 option reaches the script untouched: it is left in ``sys.argv``, and when the script declares
 fastargs sections they are filled from it as the seed's worker does.
 
+Every row is written with the id of the worker's training configuration
+(:mod:`dm_assets.training.configuration`: the store's schema, the module, the pass-through
+arguments, the module's source hash or ``--worker.version``, the library versions), registered
+in the store's ``configurations.json``. When the store already records configurations and
+holds completed rows of another known one, ``--worker.on_change`` decides, before anything is
+trained: ``refuse`` (the default) exits 2 naming what changed (``digits.lr: 0.1 -> 2.0``) and
+the remedies; ``retrain`` trains the completed rows among its indices whose configuration
+differs (unknown included) again and replaces each atomically (the old row stays readable
+until then); ``mix`` trains only what is missing. A store that records no configuration (the
+seed's) is used as before.
+
 Exit status: 0 when every index was trained or skipped as already completed; 1 when any index
 failed (an exception, or values that do not fit the spec); 124 when every failure was a
-timeout; 2 for a usage error. A failed index is never marked completed.
+timeout; 2 for a usage error or a refused configuration change. A failed index is never
+marked completed.
 
 With ``--worker.report=PATH`` the worker also writes what happened as JSON, replacing ``PATH``
 atomically (a temporary file renamed), once, when it ends; only a process that dies (SIGKILL, a
@@ -40,7 +53,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,6 +65,14 @@ from dm_assets.cli import EXIT_FAILED, EXIT_USAGE, add_flag, configure_logging, 
 from dm_assets.errors import DmError
 from dm_assets.store.rows import RowError, coerce_row
 from dm_assets.store.store import Store, StoreError
+from dm_assets.training.configuration import (
+    UNKNOWN_CONFIGURATION,
+    ConfigurationChangedError,
+    ConfigurationConflict,
+    ConfigurationError,
+    TrainingConfiguration,
+    configuration_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +83,14 @@ HARD_KILL_GRACE_SECONDS = 30.0
 
 Routine = Callable[..., Mapping[str, object]]
 Status = Literal["trained", "skipped", "failed", "timeout"]
+ON_CHANGE_CHOICES = ("refuse", "retrain", "mix")
+WORKER_REMEDIES = (
+    "--worker.on_change=retrain: train those rows among this worker's indices again under the "
+    "new configuration, replacing each row atomically",
+    "--worker.on_change=mix: keep them and train only what is missing (every row records its "
+    "configuration; fits report the mix)",
+    "or go back to the stored configuration (the old values above), or use a new store",
+)
 
 
 class JobTimeout(BaseException):
@@ -142,10 +171,57 @@ def parse_indices(text: str) -> list[int]:
     return indices
 
 
-def load_routine(main_import: str) -> Routine:
-    """``MODULE.main`` for ``main_import``; the current directory is importable, as in the seed."""
+def find_configuration_conflicts(
+    store: Store, config: TrainingConfiguration
+) -> list[ConfigurationConflict]:
+    """Completed rows of ``store`` written under another known configuration than ``config``,
+    one conflict per configuration (by id); empty when the store records none. Rows of unknown
+    configuration (-1) are no conflict: nothing says they differ."""
+    recorded = store.configurations()
+    if not recorded:
+        return []
+    fingerprint = config.fingerprint()
+    completed = store.completed_indices()
+    ids = store.configuration_ids(completed)
+    conflicts = []
+    for cid, stored in recorded.items():
+        if stored.fingerprint() == fingerprint:
+            continue
+        rows = completed[ids == cid]
+        if rows.size:
+            conflicts.append(
+                ConfigurationConflict(
+                    configuration_id=cid,
+                    configuration=stored,
+                    indices=tuple(int(i) for i in rows),
+                    differences=tuple(stored.differences(config)),
+                )
+            )
+    return conflicts
+
+
+def rows_to_retrain(
+    store: Store, indices: Sequence[int], config: TrainingConfiguration
+) -> list[int]:
+    """The completed ``indices`` whose row was written under another configuration than
+    ``config`` (unknown, -1, included), in the given order."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size == 0:
+        return []
+    fingerprint = config.fingerprint()
+    mine = [cid for cid, c in store.configurations().items() if c.fingerprint() == fingerprint]
+    own = np.isin(store.configuration_ids(idx), mine)
+    return [int(i) for i in idx[store.completed_mask()[idx] & ~own]]
+
+
+def _make_cwd_importable() -> None:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def load_routine(main_import: str) -> Routine:
+    """``MODULE.main`` for ``main_import``; the current directory is importable, as in the seed."""
+    _make_cwd_importable()
     module = importlib.import_module(main_import)
     routine = getattr(module, "main", None)
     if not callable(routine):
@@ -240,14 +316,16 @@ def _train(
     do_if_complete: bool,
     job_timeout: float | None,
     hard_kill_grace: float,
+    retrain: bool = False,
 ) -> tuple[IndexOutcome, dict[str, np.ndarray] | None]:
-    """Run ``routine`` for ``index`` and check its values; the row to store, or why not."""
+    """Run ``routine`` for ``index`` and check its values; the row to store, or why not
+    (``retrain``: a completed row of another configuration, trained again)."""
     start = time.perf_counter()
 
     def outcome(status: Status, message: str = "") -> IndexOutcome:
         return IndexOutcome(index, status, time.perf_counter() - start, message)
 
-    if not do_if_complete and store.is_completed(index):
+    if not do_if_complete and not retrain and store.is_completed(index):
         logger.info(
             "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
         )
@@ -286,9 +364,12 @@ class _GroupCommit:
         every: float,
         overwrite: bool,
         command: str | None,
+        configuration: TrainingConfiguration | None = None,
         max_bytes: int = 256 * 2**20,
     ) -> None:
         self.store, self.every, self.overwrite, self.command = store, every, overwrite, command
+        self.configuration = configuration
+        self.configuration_id: int | None = None
         self.max_bytes = max_bytes
         self.rows: list[tuple[int, dict[str, np.ndarray]]] = []
         self.nbytes = 0
@@ -305,7 +386,18 @@ class _GroupCommit:
     def commit(self) -> None:
         if not self.rows:
             return
-        self.store.write_rows(self.rows, overwrite=self.overwrite)
+        if self.configuration is not None and self.configuration_id is None:
+            # registered with the first row, so a worker that stores nothing leaves no trace
+            self.configuration_id = self.store.register_configuration(self.configuration)
+            logger.info(
+                "training configuration %d (%s) registered in the store at %s",
+                self.configuration_id,
+                self.configuration.fingerprint()[:12],
+                self.store.path,
+            )
+        self.store.write_rows(
+            self.rows, overwrite=self.overwrite, configuration_id=self.configuration_id
+        )
         if self.command is not None:
             for _ in self.rows:
                 self.store.log_command(self.command)
@@ -322,9 +414,12 @@ def train_index(
     job_timeout: float | None = None,
     hard_kill_grace: float = HARD_KILL_GRACE_SECONDS,
     command: str | None = None,
+    configuration: TrainingConfiguration | None = None,
+    retrain: Collection[int] = (),
 ) -> IndexOutcome:
     """Train model ``index`` with ``routine`` and store its row; never raises for its failures
-    (an index that fails is reported in the outcome and left incomplete)."""
+    (an index that fails is reported in the outcome and left incomplete). See
+    :func:`run_indices` for the parameters."""
     return run_indices(
         store,
         routine,
@@ -333,6 +428,8 @@ def train_index(
         job_timeout=job_timeout,
         hard_kill_grace=hard_kill_grace,
         command=command,
+        configuration=configuration,
+        retrain=retrain,
     ).outcomes[0]
 
 
@@ -347,6 +444,8 @@ def run_indices(
     command: str | None = None,
     commit_every: float = 0.0,
     report: WorkerReport | None = None,
+    configuration: TrainingConfiguration | None = None,
+    retrain: Collection[int] = (),
 ) -> WorkerReport:
     """Train every index in turn in this process; a failed index does not stop the others.
 
@@ -354,11 +453,23 @@ def run_indices(
     ``commit_every`` seconds (0: every row at once), and always before returning. A crash
     loses at most the uncommitted group, whose indices stay incomplete.
 
+    ``configuration`` is registered in the store with the first commit and every row is
+    written with its id (None: the rows' configuration is unknown). Completed indices are
+    skipped unless ``do_if_complete``, or unless they are in ``retrain`` (rows of another
+    configuration, replaced).
+
     Outcomes are appended to ``report`` when given (so a caller still holds those of the
     indices that ran when something raises) and it is returned; else to a new report.
     """
     report = WorkerReport() if report is None else report
-    group = _GroupCommit(store, every=commit_every, overwrite=do_if_complete, command=command)
+    retrain = set(retrain)
+    group = _GroupCommit(
+        store,
+        every=commit_every,
+        overwrite=do_if_complete or bool(retrain),
+        command=command,
+        configuration=configuration,
+    )
     try:
         for index in indices:
             outcome, row = _train(
@@ -368,6 +479,7 @@ def run_indices(
                 do_if_complete=do_if_complete,
                 job_timeout=job_timeout,
                 hard_kill_grace=hard_kill_grace,
+                retrain=index in retrain,
             )
             report.outcomes.append(outcome)
             if row is not None:
@@ -474,6 +586,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write the outcomes and exit status as JSON to this file when the worker ends "
         "(replaced atomically; see the module's documentation)",
     )
+    parser.add_argument(
+        "--worker.version",
+        dest="version",
+        default=None,
+        help="the training code's version, part of the training configuration (default: the "
+        "sha256 of the --worker.main_import module's source file)",
+    )
+    parser.add_argument(
+        "--worker.on_change",
+        dest="on_change",
+        choices=ON_CHANGE_CHOICES,
+        default="refuse",
+        help="when the store holds completed rows of another training configuration: refuse "
+        "(exit 2 naming what changed; the default), retrain (replace those among the indices) "
+        "or mix (train only what is missing)",
+    )
     args, passthrough = parser.parse_known_args(argv)
     ours = [a for a in passthrough if a.startswith("--worker.")]
     if ours:
@@ -487,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     error: str | None = None
     try:
         code = _run_worker(parser, args, indices, passthrough, argv, report)
-    except ScriptArgumentsError as exc:
+    except (ScriptArgumentsError, ConfigurationError, ConfigurationChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code, error = EXIT_USAGE, str(exc)
     except SystemExit as exc:  # parser.error once the store is open: a bad index
@@ -512,9 +640,12 @@ def _run_worker(
     argv: list[str],
     report: WorkerReport,
 ) -> int:
-    """Open the store, import the script and train ``indices``; outcomes go into ``report``.
+    """Open the store, import the script, check and register the training configuration and
+    train ``indices``; outcomes go into ``report``.
 
-    Raises :class:`ScriptArgumentsError` when the script's own arguments are invalid.
+    Raises :class:`ScriptArgumentsError` when the script's own arguments are invalid,
+    :class:`ConfigurationError` when the configuration cannot be computed, and
+    :class:`ConfigurationChangedError` when ``--worker.on_change=refuse`` refuses.
     """
     store = Store.open(args.logdir)
     bad = [i for i in indices if not 0 <= i < store.spec.num_models]
@@ -528,6 +659,7 @@ def _run_worker(
     routine = load_routine(args.main_import)
     collect_fastargs_arguments()
     with store:
+        config, retrain = _check_configuration(store, args, indices, passthrough)
         run_indices(
             store,
             routine,
@@ -538,6 +670,8 @@ def _run_worker(
             command=command,
             commit_every=args.commit_every,
             report=report,
+            configuration=config,
+            retrain=retrain,
         )
     logger.info("worker done: %s", report.summary())
     if report.exit_code and len(indices) > 1:
@@ -547,16 +681,51 @@ def _run_worker(
     return report.exit_code
 
 
+def _check_configuration(
+    store: Store, args: argparse.Namespace, indices: list[int], passthrough: list[str]
+) -> tuple[TrainingConfiguration, list[int]]:
+    """This worker's configuration (registered with its first row) and the indices to
+    retrain, after the ``--worker.on_change`` check (:class:`ConfigurationChangedError` to
+    refuse)."""
+    config = configuration_for(
+        store.spec.to_dict()["schema"], args.main_import, passthrough, version=args.version
+    )
+    conflicts = find_configuration_conflicts(store, config)
+    if conflicts and args.on_change == "refuse":
+        raise ConfigurationChangedError(store.path, conflicts, WORKER_REMEDIES)
+    recorded = bool(store.configurations())
+    retrain: list[int] = []
+    if recorded and args.on_change == "retrain":
+        retrain = rows_to_retrain(store, indices, config)
+        if retrain:
+            logger.warning(
+                "retraining %d completed row(s) of other configurations: %s",
+                len(retrain),
+                ",".join(map(str, retrain[:20])),
+            )
+    elif conflicts:  # mix
+        logger.warning(
+            "mixing configurations in the store at %s (--worker.on_change=mix):\n%s",
+            store.path,
+            "\n".join(c.describe() for c in conflicts),
+        )
+    return config, retrain
+
+
 if __name__ == "__main__":
     run(main)
 
 __all__ = [
     "EXIT_USAGE",
+    "ON_CHANGE_CHOICES",
+    "UNKNOWN_CONFIGURATION",
     "IndexOutcome",
     "WorkerReport",
+    "find_configuration_conflicts",
     "main",
     "parse_indices",
     "read_report",
+    "rows_to_retrain",
     "run_indices",
     "train_index",
     "write_report",

@@ -57,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -623,6 +623,9 @@ def train_models_slurm(
     env: Mapping[str, str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
     cancel_event: threading.Event | None = None,
+    version: str | None = None,
+    on_change: str | None = None,
+    replace_configurations: Collection[int] = (),
 ) -> TrainingReport:
     """Train the models ``indices`` of the store at ``store_dir`` as SLURM job arrays and say
     what happened.
@@ -651,6 +654,9 @@ def train_models_slurm(
     missing store or indices outside it, :class:`SlurmError` when ``sbatch`` refuses a job, and
     :class:`SlurmCancelledError` when ``cancel_event`` is set. On any exception every job it
     submitted is cancelled (``scancel``) and waited for until it leaves the queue.
+
+    ``version``, ``on_change`` and ``replace_configurations``: as for
+    :func:`~dm_assets.training.local.train_models`.
     """
     sbatch = SbatchOptions() if sbatch is None else sbatch
     problems = []
@@ -660,7 +666,9 @@ def train_models_slurm(
         problems.append(f"poll: must be > 0 seconds; got {poll!r}")
     problems.extend(sbatch.problems())
     store = Path(store_dir).absolute()
-    command = WorkerCommand(python, store, main_import, script_args, job_timeout, commit_every)
+    command = WorkerCommand(
+        python, store, main_import, script_args, job_timeout, commit_every, version, on_change
+    )
     block = check_arguments(
         "train_models_slurm", indices, command, retries=retries, problems=problems
     )
@@ -675,7 +683,7 @@ def train_models_slurm(
     )
     transport = _JobArrays(slurm, submitter, indices_per_task, poll, cancel_event)
     # progress on every poll: the poll interval is the progress interval
-    return run_rounds(store, block, transport, retries, on_progress, 0.0)
+    return run_rounds(store, block, transport, retries, on_progress, 0.0, replace_configurations)
 
 
 __all__ = [

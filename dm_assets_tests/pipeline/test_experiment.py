@@ -74,6 +74,17 @@ def test_mapping_args_become_command_line_words(tmp_path: Path) -> None:
     assert experiment.trainer.script_args() == ["--trainer.lr=0.5", "--trainer.name=abc"]
 
 
+def test_trainer_version_and_on_change(tmp_path: Path) -> None:
+    default = load_experiment(write(tmp_path, textwrap.dedent(GOOD)))
+    assert default.trainer.version is None and default.trainer.on_change == "refuse"
+    text = textwrap.dedent(GOOD).replace(
+        "  main_import: dm_assets.examples",
+        "  version: v1.2\n  on_change: retrain\n  main_import: dm_assets.examples",
+    )
+    changed = load_experiment(write(tmp_path, text, "changed.yaml"))
+    assert changed.trainer.version == "v1.2" and changed.trainer.on_change == "retrain"
+
+
 def test_regression_config_gets_the_pipeline_paths(tmp_path: Path) -> None:
     experiment = load_experiment(write(tmp_path, GOOD))
     assert experiment.regression is not None
@@ -130,6 +141,20 @@ def test_spec_path_is_relative_to_the_file(tmp_path: Path) -> None:
             "field trainer.main_import",
         ),
         (lambda t: t + "devices: {gpus: many}\n", "field devices.gpus"),
+        (
+            lambda t: t.replace(
+                "  main_import: dm_assets.examples",
+                "  on_change: keep\n  main_import: dm_assets.examples",
+            ),
+            "field trainer.on_change",
+        ),
+        (
+            lambda t: t.replace(
+                "  main_import: dm_assets.examples",
+                "  version: ''\n  main_import: dm_assets.examples",
+            ),
+            "field trainer.version",
+        ),
     ],
 )
 def test_broken_files_name_the_file_and_the_field(tmp_path: Path, change, expected: str) -> None:

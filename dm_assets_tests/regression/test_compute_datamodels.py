@@ -223,3 +223,51 @@ def test_path_table_offsets_targets() -> None:
     res = fit_gram(ArraySource(prob.x, prob.y), np.arange(600), np.arange(600, 800), k=6, eps=0.1)
     table = path_table(res, target_offset=40)
     assert sorted(table.target.unique()) == [40, 41]
+
+
+def test_the_seed_command_writes_a_manifest(tmp_path: Path) -> None:
+    from dm_assets.regression.beton_writer import write_beton
+    from dm_assets.regression.compute_datamodels import main
+    from dm_assets.regression.fit import FitFolder
+    from dm_assets.regression.manifest import rows_digest_of_store
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store
+
+    prob = planted_problem(n=300, p=16, t=2, seed=4)
+    spec = Spec.from_dict(
+        {
+            "num_models": 320,
+            "schema": {
+                "masks": {"shape": [16], "dtype": "bool_"},
+                "margins": {"shape": [2], "dtype": "float64"},  # the dataset holds float32
+            },
+        }
+    )
+    done = np.setdiff1d(np.arange(300), [3, 4])
+    with Store.initialize(tmp_path / "store", spec) as store:
+        store.write_rows([(int(i), {"masks": prob.x[i], "margins": prob.y[i]}) for i in done])
+    write_beton(tmp_path / "store", tmp_path / "data.beton", num_workers=1)
+    code = main(
+        [
+            f"--data.data_path={tmp_path / 'data.beton'}",
+            "--data.num_train=150",
+            "--data.num_val=50",
+            "--cfg.k=5",
+            "--cfg.batch_size=50",
+            f"--cfg.out_dir={tmp_path / 'fit'}",
+            "--cfg.device=cpu",
+            "--cfg.solver=gram",
+            "--cfg.num_workers=1",
+        ]
+    )
+    assert code == 0
+    manifest = FitFolder.open(tmp_path / "fit").manifest()
+    np.testing.assert_array_equal(manifest.train_indices, done[:150])
+    np.testing.assert_array_equal(manifest.val_indices, done[150:200])
+    assert manifest.store is None and manifest.rows["source"] == "dataset"
+    assert manifest.configurations == {} and manifest.configuration_ids["unknown"] == 200
+    assert manifest.mixed and manifest.dagster_run_id is None
+    # the digest of the rows read from the dataset is the digest of the store's same rows
+    with Store.open(tmp_path / "store") as store:
+        digest = rows_digest_of_store(store, done[:200], x_name="masks", y_name="margins")
+    assert manifest.rows["digest"] == digest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ import pytest
 import torch
 
 from dm_assets.errors import DmError
-from dm_assets.regression.fit import EVALUATION_FILES, FIT_FILES, FitFolder, FitFolderError
+from dm_assets.regression.fit import (
+    EVALUATION_FILES,
+    FIT_FILES,
+    MANIFEST_FILE,
+    FitFolder,
+    FitFolderError,
+    ManifestMissingError,
+)
+from dm_assets.regression.manifest import FitManifest, configuration_summary
 from dm_assets_tests.helpers import write_small_fit
 
 
@@ -168,3 +177,80 @@ def test_point_link_replaces_an_older_link(tmp_path: Path) -> None:
     # a folder opened before the link moved keeps reading its own fit
     assert opened.summary() == old.summary() != new.summary()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["datamodels", "fits"]
+
+
+def seeded_manifest(seed: int = 0) -> FitManifest:
+    """A manifest (random indices and digests, not of a real fit) as FitFolder.write takes it."""
+    rng = np.random.default_rng(seed)
+    used = rng.permutation(100)[:40]
+    return FitManifest(
+        train_indices=used[:30].astype(np.int64),
+        val_indices=used[30:].astype(np.int64),
+        dataset={"path": "/d.beton", "bytes": 123, "rows": 90, "digest": "sha256:ab"},
+        rows={"digest": f"sha256:{seed}", "source": "store", "count": 40},
+        regression={"data": {"num_train": 30, "num_val": 10}},
+        targets=(5, 8),
+        store={"path": "/store", "x_name": "masks", "y_name": "margins"},
+        configurations={0: {"fingerprint": "f0", "configuration": {"args": {"a.b": "1"}}}},
+        configuration_ids=configuration_summary(np.r_[np.zeros(35), -np.ones(5)]),
+        code={"dm_assets": "0.1.0", "git_commit": None, "git_dirty": None},
+        versions={"torch": "2", "numpy": "1"},
+        dagster_run_id="run-a",
+        created="2025-01-01T00:00:00+00:00",
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_manifest_round_trip(tmp_path: Path, seed: int) -> None:
+    manifest = seeded_manifest(seed)
+    folder = FitFolder.write(tmp_path / "a", **seeded_fit(seed), manifest=manifest)
+    assert sorted(p.name for p in folder.path.iterdir()) == sorted([*FIT_FILES, MANIFEST_FILE])
+    read = FitFolder.open(tmp_path / "a").manifest()
+    assert read.to_dict() == manifest.to_dict()
+    np.testing.assert_array_equal(read.fitted_indices, np.r_[read.train_indices, read.val_indices])
+    assert read.train_indices.dtype == np.int64 and read.targets == (5, 8)
+    assert read.mixed  # 5 rows of unknown configuration
+    np.testing.assert_array_equal(read.row_configuration_ids(), np.r_[np.zeros(35), -np.ones(5)])
+    assert json.loads(folder.file(MANIFEST_FILE).read_text())["format"] == 1
+
+
+def test_record_runs_rewrites_only_the_run_ids_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = FitFolder.write(tmp_path / "a", **seeded_fit(), manifest=seeded_manifest())
+    recorded = folder.record_runs(mlflow_run_id="mlflow-1")
+    assert recorded.mlflow_run_id == "mlflow-1" and recorded.dagster_run_id == "run-a"
+    expected = dict(seeded_manifest().to_dict(), mlflow_run_id="mlflow-1")
+    assert folder.manifest().to_dict() == expected
+    assert folder.record_runs(dagster_run_id="run-b").mlflow_run_id == "mlflow-1"
+    before = folder.file(MANIFEST_FILE).read_bytes()
+
+    def failing_replace(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dm_assets.regression.fit.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        folder.record_runs(mlflow_run_id="mlflow-2")
+    assert folder.file(MANIFEST_FILE).read_bytes() == before  # the old manifest, whole
+    assert sorted(p.name for p in folder.path.iterdir()) == sorted([*FIT_FILES, MANIFEST_FILE])
+
+
+def test_a_manifest_is_written_with_the_fit_or_not_at_all(tmp_path: Path) -> None:
+    contents = seeded_fit()
+    contents["summary"] = dict(contents["summary"], when=object())  # fails before the manifest
+    with pytest.raises(TypeError):
+        FitFolder.write(tmp_path / "a", **contents, manifest=seeded_manifest())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_without_a_manifest_opens_and_says_why_it_has_none(tmp_path: Path) -> None:
+    folder = FitFolder.write(tmp_path / "a", **seeded_fit())
+    assert FitFolder.open(tmp_path / "a").summary()  # an older fit folder still opens
+    assert not folder.has_manifest()
+    with pytest.raises(ManifestMissingError) as caught:
+        folder.manifest()
+    message = str(caught.value)
+    assert "no manifest.json: it was written before fits recorded their lineage" in message
+    assert "refit" in message and isinstance(caught.value, DmError)
+    with pytest.raises(ManifestMissingError):
+        folder.record_runs(mlflow_run_id="x")

@@ -12,11 +12,15 @@ import pytest
 import torch
 import yaml
 
+from dm_assets.regression.beton_writer import write_beton
 from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
 from dm_assets.regression.config import load_config
 from dm_assets.regression.data import ArraySource
-from dm_assets.regression.fit import FIT_FILES
-from dm_assets.regression.merge import MergeError, merge_fits, target_slices
+from dm_assets.regression.fit import FIT_FILES, MANIFEST_FILE, FitFolder
+from dm_assets.regression.fit_run import configure_fit, fit_into_folder
+from dm_assets.regression.merge import MergeError, TargetSlice, merge_fits, target_slices
+from dm_assets.store.spec import Spec
+from dm_assets.store.store import Store
 from dm_assets_tests.helpers import Problem, planted_problem
 
 
@@ -149,3 +153,86 @@ def test_merge_refuses_an_existing_out_dir_and_incomplete_folders(
     (a / "summary.json").unlink()
     with pytest.raises(MergeError, match="lacks"):
         merge_fits([a], tmp_path / "other")
+
+
+@pytest.fixture(scope="module")
+def stored(planted: Problem, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The planted problem's 1000 models in a store (no configuration recorded) and its
+    dataset ``data.beton`` beside it; returns the folder."""
+    root = tmp_path_factory.mktemp("stored")
+    spec = Spec.from_dict(
+        {
+            "num_models": 1000,
+            "schema": {
+                "masks": {"shape": [40], "dtype": "bool_"},
+                "margins": {"shape": [7], "dtype": "float32"},
+            },
+        }
+    )
+    with Store.initialize(root / "store", spec) as store:
+        store.write_rows(
+            [(i, {"masks": planted.x[i], "margins": planted.y[i]}) for i in range(1000)]
+        )
+    write_beton(root / "store", root / "data.beton", num_workers=1)
+    return root
+
+
+def fit_slice(stored: Path, out_dir: Path, start: int, end: int) -> Path:
+    """Fit targets ``[start, end)`` of the stored dataset, with a manifest."""
+    config = load_config(
+        None,
+        {
+            "data": {"data_path": str(stored / "data.beton"), "num_train": 700, "num_val": 150},
+            "cfg": {
+                "k": 6,
+                "batch_size": 200,
+                "out_dir": str(out_dir),
+                "device": "cpu",
+                "solver": "gram",
+                "num_workers": 1,
+            },
+        },
+    )
+    config = configure_fit(config, targets=TargetSlice(start, end, f"t{start}"))
+    run = fit_into_folder(
+        config,
+        out_dir,
+        store=stored / "store",
+        x_name="masks",
+        y_name="margins",
+        dagster_run_id=f"slice-run-{start}",
+    )
+    return run.folder.path
+
+
+def test_merged_slices_get_a_manifest_of_their_common_models(tmp_path: Path, stored: Path) -> None:
+    parts = [fit_slice(stored, tmp_path / f"s{a}", a, b) for a, b in ((0, 3), (3, 7))]
+    merged = FitFolder.open(merge_fits(parts, tmp_path / "merged", dagster_run_id="merge-run"))
+    manifest = merged.manifest()
+    first = FitFolder.open(parts[0]).manifest()
+    np.testing.assert_array_equal(manifest.train_indices, np.arange(700))
+    np.testing.assert_array_equal(manifest.val_indices, np.arange(700, 850))
+    assert manifest.dataset == first.dataset and manifest.rows == first.rows
+    assert manifest.targets == (0, 7) and manifest.dagster_run_id == "merge-run"
+    assert manifest.regression["data"]["target_end_ind"] == 7
+    assert manifest.configuration_ids["unknown"] == 850 and manifest.mixed
+    assert [s["targets"] for s in manifest.slices or []] == [[0, 3], [3, 7]]
+    assert [s["dagster_run_id"] for s in manifest.slices or []] == ["slice-run-0", "slice-run-3"]
+
+
+def test_merge_refuses_slices_whose_manifests_disagree(tmp_path: Path, stored: Path) -> None:
+    a = fit_slice(stored, tmp_path / "a", 0, 3)
+    b = fit_slice(stored, tmp_path / "b", 3, 7)
+    manifest = json.loads((b / MANIFEST_FILE).read_text())
+    manifest["train_indices"][0] = 999  # as if fitted on other models
+    manifest["rows"]["digest"] = "sha256:other"
+    (b / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(MergeError) as caught:
+        merge_fits([a, b], tmp_path / "merged")
+    message = str(caught.value)
+    assert f"train_indices of {b} differ from those of {a}" in message
+    assert f"manifest rows of {b} differs" in message
+    (b / MANIFEST_FILE).unlink()  # a slice fitted before manifests, beside one with a manifest
+    with pytest.raises(MergeError, match=r"has no manifest\.json .* refit it"):
+        merge_fits([a, b], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

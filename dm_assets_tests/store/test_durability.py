@@ -1,7 +1,10 @@
 """Crash safety and concurrency of the write protocol, with real processes.
 
 - SIGKILL at random moments while a worker writes large rows (and overwrites them): afterwards
-  every completed row holds exactly the values of one run, never a mix.
+  every completed row holds exactly the values of one run, never a mix, and the configuration
+  id written with it is that run's (each run is its own training configuration, ``--gen=g``):
+  an overwrite by another configuration never leaves the old id with the new data or the new
+  id with the old data.
 - Many workers writing interleaved indices whose rows share disk pages: every row exact.
 """
 
@@ -43,15 +46,24 @@ def start_worker(store_dir: Path, indices: str, *args: str) -> subprocess.Popen[
 
 
 def check_consistent(store_dir: Path, generations: set[int]) -> dict[int, int]:
-    """Every completed row equals ``big_rows.expected(i, g)`` for its stored generation g."""
+    """Every completed row equals ``big_rows.expected(i, g)`` for its stored generation g, and
+    its configuration id names the configuration of generation g (``--gen=g``)."""
     found = {}
     with Store.open(store_dir) as store:
         gen = store.read("generation")
         payload = store.read("payload")
         tail = store.read("tail")
+        ids = store.configuration_ids()
+        gen_of_config = {cid: int(c.args["gen"]) for cid, c in store.configurations().items()}
+        assert len(set(gen_of_config.values())) == len(gen_of_config)  # one id per generation
         for i in store.completed_indices():
             g = int(gen[i])
             assert g in generations, f"index {i}: generation {g} was never run"
+            cid = int(ids[i])
+            assert cid in gen_of_config, f"index {i}: completed with unregistered id {cid}"
+            assert gen_of_config[cid] == g, (
+                f"index {i}: data of generation {g} under the id of generation {gen_of_config[cid]}"
+            )
             want = big_rows.expected(int(i), g)
             assert np.array_equal(payload[i], want["payload"]), f"index {i}: payload torn"
             assert np.array_equal(tail[i], want["tail"]), f"index {i}: tail torn"
@@ -70,8 +82,13 @@ def test_sigkill_at_random_moments(tmp_path: Path, seed: int, commit_every: str)
     killed = 0
     history: list[dict[int, int]] = []
     for gen in range(GENERATIONS):
-        # every generation overwrites completed rows, so kills also land inside overwrites
-        extra = ["--worker.do_if_complete"]
+        # every generation overwrites completed rows of another configuration, so kills also
+        # land inside overwrites: forced (do_if_complete), or as a retrain of the rows of the
+        # other configurations
+        if gen % 2:
+            extra = ["--worker.on_change=retrain"]
+        else:
+            extra = ["--worker.do_if_complete", "--worker.on_change=mix"]
         stored_before = len(commands.read_text().splitlines()) if commands.exists() else 0
         proc = start_worker(
             store_dir,
@@ -95,10 +112,20 @@ def test_sigkill_at_random_moments(tmp_path: Path, seed: int, commit_every: str)
     assert killed == GENERATIONS, "the worker finished before it could be killed"
     # generations mix: the kills interrupted real work
     assert any(len(set(h.values())) > 1 for h in history)
+    # the default refuses to train under a new configuration beside the stored ones
     proc = start_worker(store_dir, f"0-{num_models - 1}", script, "--gen=99")
+    assert proc.wait(timeout=300) == 2
+    check_consistent(store_dir, set(range(GENERATIONS)))
+    # retrain replaces every row of the other configurations: one configuration left
+    proc = start_worker(
+        store_dir, f"0-{num_models - 1}", script, "--gen=99", "--worker.on_change=retrain"
+    )
     assert proc.wait(timeout=300) == 0
     final = check_consistent(store_dir, {*range(GENERATIONS), 99})
     assert sorted(final) == list(range(num_models))
+    assert set(final.values()) == {99}
+    with Store.open(store_dir) as store:
+        assert len(set(store.configuration_ids().tolist())) == 1
 
 
 def test_concurrent_writers_never_clobber(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from dm_assets.store.store import (
     StoreStatus,
     index_ranges,
 )
+from dm_assets.training.configuration import UNKNOWN_CONFIGURATION, TrainingConfiguration
 
 SPEC = Spec.from_dict(
     {
@@ -372,3 +373,158 @@ def test_group_commit_fsyncs_once_per_file(tmp_path: Path, monkeypatch: pytest.M
         with pytest.raises(StoreError, match=r"already completed"):
             store.write_rows([(5, row(5)), (7, row(7))])
         assert not store.is_completed(5)
+
+
+# ---------------------------------------------------------------- configuration ids
+def config(lr: str) -> TrainingConfiguration:
+    return TrainingConfiguration(
+        schema=SPEC.to_dict()["schema"],
+        main_import="trainer",
+        args={"lr": lr},
+        code="version:1",
+        versions={"numpy": np.__version__},
+    )
+
+
+def test_configuration_files_and_ids(tmp_path: Path) -> None:
+    with Store.initialize(tmp_path, SPEC) as store:
+        store.write_row(0, row(0))
+        # no configuration registered: no file, everything unknown
+        assert not (tmp_path / "_configuration.npy").exists()
+        assert store.configurations() == {}
+        assert store.configuration_ids().tolist() == [UNKNOWN_CONFIGURATION] * 12
+        assert store.configuration_ids([0, 3]).dtype == np.int32
+        a = store.register_configuration(config("0.1"))
+        b = store.register_configuration(config("2.0"))
+        assert (a, b) == (0, 1)
+        assert store.register_configuration(config("0.1")) == a  # same fingerprint, same id
+        store.write_row(1, row(1), configuration_id=a)
+        store.write_rows([(2, row(2)), (3, row(3))], configuration_id=b)
+        ids = np.load(tmp_path / "_configuration.npy")
+        assert ids.dtype == np.int32 and ids.shape == (12,)
+        assert ids.tolist() == [-1, 0, 1, 1] + [-1] * 8
+        assert store.configuration_ids([3, 1, 0]).tolist() == [1, 0, -1]
+        # an overwrite without an id: the row's configuration is unknown again
+        store.write_row(2, row(2), overwrite=True)
+        assert store.configuration_ids([2]).tolist() == [-1]
+        assert store.configurations() == {0: config("0.1"), 1: config("2.0")}
+        with pytest.raises(StoreError, match="configuration id 7 is not registered"):
+            store.write_row(5, row(5), configuration_id=7)
+        assert not store.is_completed(5)
+        with pytest.raises(StoreError, match="outside this store's range"):
+            store.configuration_ids([12])
+        with pytest.raises(StoreError, match="no key '_configuration'"):
+            store.read("_configuration")
+    table = json.loads((tmp_path / "configurations.json").read_text())["configurations"]
+    assert sorted(table) == ["0", "1"]
+    assert table["1"]["fingerprint"] == config("2.0").fingerprint()
+    assert table["1"]["configuration"] == config("2.0").to_dict()
+    assert table["0"]["registered"].endswith("+00:00")
+    # reopening keeps it all; the spec is unchanged (no reserved array becomes a key)
+    with Store.open(tmp_path) as store:
+        assert list(store.spec.schema) == list(SPEC.schema)
+        assert store.configuration_ids().tolist()[:4] == [-1, 0, -1, 1]
+    Store.initialize(tmp_path, SPEC).close()
+
+
+def test_seed_store_reads_unknown_and_keeps_working(tmp_path: Path) -> None:
+    Store.initialize(tmp_path, SPEC).close()
+    (tmp_path / "spec.json").unlink()  # as the seed made it
+    with Store.open(tmp_path) as store:
+        assert list(store.spec.schema) == sorted(SPEC.schema)
+        store.write_row(4, row(4))
+        assert store.configuration_ids([4]).tolist() == [UNKNOWN_CONFIGURATION]
+        cid = store.register_configuration(config("0.1"))
+        store.write_row(5, row(5), configuration_id=cid)
+    # a seed store with _configuration.npy: the reserved array is not taken for a schema key
+    with Store.open(tmp_path) as store:
+        assert sorted(store.spec.schema) == sorted(SPEC.schema)
+        assert store.configuration_ids([4, 5]).tolist() == [-1, 0]
+    Store.initialize(tmp_path, SPEC).close()  # adopted, reserved arrays are not strays
+
+
+def test_configuration_id_is_in_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store.initialize(tmp_path, SPEC) as store:
+        a = store.register_configuration(config("0.1"))
+        b = store.register_configuration(config("2.0"))
+        rec = _Recorder(monkeypatch)
+        store.write_row(5, row(5), configuration_id=a)
+        kinds = [(e[0], e[1]) for e in rec.events]
+        id_write = kinds.index(("pwrite", "_configuration.npy"))
+        id_sync = kinds.index(("fsync", "_configuration.npy"))
+        flag_write = kinds.index(("pwrite", "_completed.npy"))
+        for key in SPEC.schema:  # data written and fsynced, then the id, then the flag
+            assert kinds.index(("fsync", f"{key}.npy")) < id_write
+        assert id_write < id_sync < flag_write
+        assert kinds[-2:] == [("pwrite", "_completed.npy"), ("fsync", "_completed.npy")]
+        offsets = {e[1]: e[2] for e in rec.events if e[0] == "pwrite"}
+        _, _, data_offset = store_module.read_npy_layout(tmp_path / "_configuration.npy")
+        assert offsets["_configuration.npy"] == data_offset + 5 * 4
+
+        rec.events.clear()
+        store.write_row(5, row(8), overwrite=True, configuration_id=b)
+        kinds = [(e[0], e[1]) for e in rec.events]
+        # another configuration's overwrite: the flag is cleared durably before the new id
+        assert kinds[:2] == [("pwrite", "_completed.npy"), ("fsync", "_completed.npy")]
+        assert kinds.index(("pwrite", "_configuration.npy")) > 1
+        assert store.configuration_ids([5]).tolist() == [b]
+
+
+# the fsyncs of an overwrite: 1 the cleared flag, 2-4 the 3 data files, 5 the id, 6 the flag
+@pytest.mark.parametrize("die_at", [2, 4, 5, 6])
+def test_crash_mid_overwrite_by_another_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, die_at: int
+) -> None:
+    with Store.initialize(tmp_path, SPEC) as store:
+        a = store.register_configuration(config("0.1"))
+        b = store.register_configuration(config("2.0"))
+        store.write_row(2, row(2), configuration_id=a)
+        real_fsync = os.fsync
+        calls = []
+
+        def dying_fsync(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == die_at:
+                raise OSError(5, "simulated crash")
+            real_fsync(fd)
+
+        monkeypatch.setattr(store_module.os, "fsync", dying_fsync)
+        with pytest.raises(OSError, match="simulated crash"):
+            store.write_row(2, row(9), overwrite=True, configuration_id=b)
+        monkeypatch.undo()
+        # never completed with the old id and new data, or the new id and old data: before
+        # the flag's own write, not completed; after it, completed with the new data and id
+        if die_at < 6:
+            assert not store.is_completed(2)
+        else:
+            assert store.is_completed(2) and store.configuration_ids([2]).tolist() == [b]
+            np.testing.assert_array_equal(store.read("margins")[2], row(9)["margins"])
+        store.write_row(2, row(9), overwrite=True, configuration_id=b)
+        assert store.configuration_ids([2]).tolist() == [b]
+        np.testing.assert_array_equal(store.read("margins")[2], row(9)["margins"])
+
+
+def test_concurrent_registration_gives_one_id_per_configuration(tmp_path: Path) -> None:
+    Store.initialize(tmp_path, SPEC).close()
+    out = tmp_path / "ids"
+    out.mkdir()
+    pids = []
+    for k in range(6):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                with Store.open(tmp_path) as store:
+                    got = [store.register_configuration(config(str(j))) for j in (k % 3, 9, 5)]
+                (out / str(k)).write_text(json.dumps(got))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids] == [0] * 6
+    with Store.open(tmp_path) as store:
+        table = store.configurations()
+    assert sorted(table) == list(range(len(table))) and len(table) == 5  # 0, 1, 2, 9, 5
+    by_lr = {c.args["lr"]: cid for cid, c in table.items()}
+    for k in range(6):
+        assert json.loads((out / str(k)).read_text()) == [by_lr[str(k % 3)], by_lr["9"], by_lr["5"]]

@@ -15,6 +15,7 @@ import pytest
 from dm_assets.cli import EXIT_FAILED, EXIT_USAGE
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store, StoreError
+from dm_assets.training.configuration import TrainingConfiguration
 from dm_assets.training.launcher import (
     Finished,
     Progress,
@@ -24,6 +25,7 @@ from dm_assets.training.launcher import (
     collect_round,
     compact_ranges,
     completed_blocks,
+    done_mask,
     is_positive_int,
     launcher_logs,
     log_tail,
@@ -183,6 +185,74 @@ def test_worker_command_line() -> None:
         "--lr=0.1",
         "--note=two words",
     ]
+
+
+def test_worker_command_line_passes_version_and_on_change() -> None:
+    command = WorkerCommand("py", Path("/s"), "m", ("--a=1",), version="v2", on_change="retrain")
+    assert command.argv("0", "r")[-3:] == [
+        "--worker.version=v2",
+        "--worker.on_change=retrain",
+        "--a=1",
+    ]
+    assert not any(
+        "version" in w or "on_change" in w
+        for w in WorkerCommand("py", Path("/s"), "m").argv("0", "r")
+    )
+    with pytest.raises(ValueError, match="on_change: must be one of refuse, retrain, mix"):
+        check_arguments("f", [0], WorkerCommand("py", Path("/s"), "m", on_change="keep"), retries=0)
+
+
+def configuration(scale: str) -> TrainingConfiguration:
+    return TrainingConfiguration(
+        schema=launcher_cases.SPEC["schema"],
+        main_import="m",
+        args={"case.scale": scale},
+        code="version:1",
+        versions={},
+    )
+
+
+def test_rows_of_replaced_configurations_are_trained_again(store_dir: Path, tmp_path: Path) -> None:
+    def rows(indices) -> list:
+        return [(i, {"value": launcher_cases.expected_value(i), "pid": 2}) for i in indices]
+
+    with Store.open(store_dir) as store:
+        old = store.register_configuration(configuration("1"))
+        new = store.register_configuration(configuration("2"))
+        store.write_rows(rows(range(4)), configuration_id=old)
+        store.write_rows(rows([4, 5]), configuration_id=new)
+        assert done_mask(store)[:7].tolist() == [True] * 6 + [False]
+        assert done_mask(store, {old})[:7].tolist() == [False] * 4 + [True, True, False]
+        report = TrainingReport()
+        assert skip_completed(store, range(7), report, {old}) == [0, 1, 2, 3, 6]
+        assert report.skipped == [4, 5]
+
+    class Replacing:
+        """Writes every row it is given under the new configuration, as a retraining worker."""
+
+        doing, what = "running", "done"
+
+        def __init__(self) -> None:
+            self.rounds: list[list[int]] = []
+
+        def run_round(self, todo: list[int], round_number: int, progress: Progress):
+            self.rounds.append(list(todo))
+            path, log = tmp_path / f"r{round_number}.json", tmp_path / f"r{round_number}.log"
+            log.write_text("replacing\n")
+            with Store.open(store_dir) as store:
+                store.write_rows(rows(todo), overwrite=True, configuration_id=new)
+            write_report(path, WorkerReport([IndexOutcome(i, "trained", 0.1) for i in todo]), 0)
+            return [Finished(todo, path, log, "worker process exited with code 0")]
+
+        def stop(self) -> None:
+            pass
+
+    transport = Replacing()
+    report = run_rounds(store_dir, list(range(7)), transport, 1, None, 1.0, replace={old})
+    assert transport.rounds == [[0, 1, 2, 3, 6]]
+    assert report.trained == [0, 1, 2, 3, 6] and report.skipped == [4, 5] and report.ok
+    with Store.open(store_dir) as store:
+        assert (store.configuration_ids(range(7)) == new).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,8 +137,14 @@ def test_bad_outputs_write_nothing(store_dir: Path, mode: str, needles: list[str
 
 def test_completed_index_skipped_unless_asked(store_dir: Path) -> None:
     assert worker(store_dir, "--worker.index=2", f"--worker.main_import={SCRIPT}").returncode == 0
+    # another --script.scale is another training configuration: allowed here with mix (the
+    # default, refuse, is tested in test_changed_configuration_refused_by_default)
     proc = worker(
-        store_dir, "--worker.index=2", f"--worker.main_import={SCRIPT}", "--script.scale=3"
+        store_dir,
+        "--worker.index=2",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        "--worker.on_change=mix",
     )
     assert proc.returncode == 0
     assert "already completed" in proc.stderr
@@ -149,6 +155,7 @@ def test_completed_index_skipped_unless_asked(store_dir: Path) -> None:
         f"--worker.main_import={SCRIPT}",
         "--script.scale=3",
         "--worker.do_if_complete",
+        "--worker.on_change=mix",
     )
     assert proc.returncode == 0, proc.stderr
     assert_row(store_dir, 2, scale=3.0)
@@ -158,6 +165,7 @@ def test_completed_index_skipped_unless_asked(store_dir: Path) -> None:
         f"--worker.main_import={SCRIPT}",
         "--script.scale=4",
         "--worker.do_if_complete=false",
+        "--worker.on_change=mix",
     )
     assert proc.returncode == 0 and "already completed" in proc.stderr
     assert_row(store_dir, 2, scale=3.0)
@@ -198,8 +206,14 @@ def test_many_indices_in_one_process(store_dir: Path, tmp_path: Path) -> None:
     for i in (0, 1, 3, 5, 9):
         assert_row(store_dir, i)
     assert len(argv_out.read_text().splitlines()) == 7  # 3 was listed twice, trained once
-    # a rerun trains only what is missing
-    proc = worker(store_dir, "--worker.indices=0-5,9", f"--worker.main_import={SCRIPT}")
+    # a rerun trains only what is missing (without the failure-injecting arguments: another
+    # training configuration, so mix)
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-5,9",
+        f"--worker.main_import={SCRIPT}",
+        "--worker.on_change=mix",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2 trained, 5 skipped" in proc.stderr
     assert len((store_dir / "cmds.txt").read_text().splitlines()) == 7
@@ -293,12 +307,14 @@ def test_report_file(store_dir: Path, tmp_path: Path) -> None:
     assert all(o["seconds"] >= 0 for o in data["outcomes"])
     assert data["outcomes"][0]["message"] == ""
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file
-    # a rerun: 0, 1, 3 skipped, 2 trained, exit 0
+    # a rerun (another configuration: no failure-injecting arguments): 0, 1, 3 skipped, 2
+    # trained, exit 0
     proc = worker(
         store_dir,
         "--worker.indices=0-3",
         f"--worker.main_import={SCRIPT}",
         f"--worker.report={report}",
+        "--worker.on_change=mix",
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
@@ -318,3 +334,148 @@ def test_report_written_when_the_worker_itself_fails(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["exit_code"] == 1 and data["outcomes"] == []
     assert data["error"].startswith("StoreError: no store at")
+
+
+# ---------------------------------------------------------------- training configurations
+def ids_and_args(store_dir: Path) -> tuple[list[int], dict[int, dict[str, str]]]:
+    with Store.open(store_dir) as store:
+        return store.configuration_ids().tolist(), {
+            cid: c.args for cid, c in store.configurations().items()
+        }
+
+
+def test_rows_record_the_worker_configuration(store_dir: Path) -> None:
+    proc = worker(
+        store_dir, "--worker.indices=0-2", f"--worker.main_import={SCRIPT}", "--script.scale", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids, args = ids_and_args(store_dir)
+    assert ids[:3] == [0, 0, 0] and set(ids[3:]) == {-1}
+    assert args == {0: {"script.scale": "2"}}
+    # the same configuration, spelled differently: the same id, no refusal
+    proc = worker(
+        store_dir, "--worker.indices=3", f"--worker.main_import={SCRIPT}", "--script.scale=2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ids_and_args(store_dir)[0][:4] == [0, 0, 0, 0]
+    # a declared version replaces the source hash: another configuration
+    proc = worker(
+        store_dir,
+        "--worker.indices=4",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=2",
+        "--worker.version=v2",
+        "--worker.on_change=mix",
+    )
+    assert proc.returncode == 0, proc.stderr
+    with Store.open(store_dir) as store:
+        assert store.configuration_ids([4]).tolist() == [1]
+        assert store.configurations()[1].code == "version:v2"
+        assert store.configurations()[0].code.startswith("sha256:")
+
+
+def test_changed_configuration_refused_by_default(store_dir: Path, tmp_path: Path) -> None:
+    assert (
+        worker(store_dir, "--worker.indices=0-4", f"--worker.main_import={SCRIPT}").returncode == 0
+    )
+    before = data_bytes(store_dir)
+    report = tmp_path / "report.json"
+    argv_out = tmp_path / "argv.txt"
+    proc = worker(
+        store_dir,
+        "--worker.indices=5-9",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        f"--script.argv_out={argv_out}",
+        f"--worker.report={report}",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "the training configuration changed" in proc.stderr
+    assert "5 completed row(s) (0-4) were trained under configuration 0" in proc.stderr
+    assert "script.scale: (absent) -> 3" in proc.stderr
+    assert "--worker.on_change=retrain" in proc.stderr and "--worker.on_change=mix" in proc.stderr
+    assert not argv_out.exists()  # nothing trained
+    assert data_bytes(store_dir) == before
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 2 and "script.scale: (absent) -> 3" in data["error"]
+
+
+def test_retrain_replaces_rows_of_other_configurations(store_dir: Path) -> None:
+    assert (
+        worker(store_dir, "--worker.indices=0-5", f"--worker.main_import={SCRIPT}").returncode == 0
+    )
+    proc = worker(
+        store_dir,
+        "--worker.indices=2-7",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        "--worker.on_change=retrain",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "6 trained, 0 skipped" in proc.stderr
+    for i in (0, 1):
+        assert_row(store_dir, i, scale=1.0)
+    for i in range(2, 8):
+        assert_row(store_dir, i, scale=3.0)
+    ids, args = ids_and_args(store_dir)
+    assert ids[:8] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert args[1] == {"script.scale": "3"}
+    # again: its own rows are skipped, rows 0-1 (another configuration) are retrained
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-7",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        "--worker.on_change=retrain",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trained, 6 skipped" in proc.stderr
+    assert ids_and_args(store_dir)[0][:8] == [1] * 8
+
+
+def test_mix_trains_only_what_is_missing(store_dir: Path) -> None:
+    assert (
+        worker(store_dir, "--worker.indices=0-3", f"--worker.main_import={SCRIPT}").returncode == 0
+    )
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-7",
+        f"--worker.main_import={SCRIPT}",
+        "--script.scale=3",
+        "--worker.on_change=mix",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "4 trained, 4 skipped" in proc.stderr and "mixing configurations" in proc.stderr
+    assert ids_and_args(store_dir)[0][:8] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert_row(store_dir, 0, scale=1.0)
+    assert_row(store_dir, 7, scale=3.0)
+
+
+def test_store_without_configurations_is_used_as_before(store_dir: Path) -> None:
+    """Rows written without a configuration (the seed's worker, the Python API): no check."""
+    with Store.open(store_dir) as store:
+        for i in (0, 1):
+            store.write_row(i, outputs.expected(i, 5.0))
+    proc = worker(store_dir, "--worker.indices=0-3", f"--worker.main_import={SCRIPT}")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trained, 2 skipped" in proc.stderr
+    assert_row(store_dir, 0, scale=5.0)
+    assert ids_and_args(store_dir)[0][:4] == [-1, -1, 0, 0]
+    # unknown rows are no conflict for refuse; retrain replaces them
+    proc = worker(
+        store_dir,
+        "--worker.indices=0-3",
+        f"--worker.main_import={SCRIPT}",
+        "--worker.on_change=retrain",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trained, 2 skipped" in proc.stderr
+    assert ids_and_args(store_dir)[0][:4] == [0, 0, 0, 0]
+    assert_row(store_dir, 0, scale=1.0)
+
+
+def test_bad_on_change_is_a_usage_error(store_dir: Path) -> None:
+    proc = worker(
+        store_dir, "--worker.index=1", f"--worker.main_import={SCRIPT}", "--worker.on_change=x"
+    )
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

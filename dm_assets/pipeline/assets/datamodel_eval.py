@@ -1,12 +1,19 @@
 """``<name>/datamodel_eval``: the latest datamodels judged on held-out models, the models the
 regression never saw (neither fitted on nor used to choose lambda); the work is
-:func:`dm_assets.evaluation.held_out.evaluate_fit`."""
+:func:`dm_assets.evaluation.held_out.evaluate_fit`. Its code version is a hash of the regression
+and evaluation settings; its data version is derived from it and the datamodels' data version
+(:mod:`dm_assets.pipeline.assets.versions`)."""
 
 import time
 
 import dagster as dg
 import numpy as np
 
+from dm_assets.pipeline.assets.versions import (
+    derived_data_version,
+    recorded_data_version,
+    settings_version,
+)
 from dm_assets.pipeline.experiment import EvaluationSettings, Experiment, RegressionSettings
 from dm_assets.pipeline.resources.experiment_home import HomeResource
 from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
@@ -20,6 +27,8 @@ def evaluation_assets(
     eval_key = dg.AssetKey([name, "datamodel_eval"])
     floor = evaluation.min_lds
     floor_text = "none" if floor is None else f"{floor:g}"
+    # the floor is a check's, not the evaluation's: changing it does not make the scores stale
+    version = settings_version("evaluation", regression, evaluation.curve_sizes)
 
     @dg.asset(
         key=eval_key,
@@ -31,6 +40,7 @@ def evaluation_assets(
         "ceiling where held-out models repeat a mask, and LDS against the number of models "
         "used in the fit. Files beside the fit; metrics in the fit's MLflow run.",
         kinds={"pytorch", "mlflow"},
+        code_version=version,
         check_specs=[
             dg.AssetCheckSpec(
                 "lds_floor",
@@ -100,7 +110,12 @@ def evaluation_assets(
             )
         if run_id is not None:
             meta["mlflow_run_id"] = run_id
-        yield dg.MaterializeResult(metadata=meta)
+        yield dg.MaterializeResult(
+            metadata=meta,
+            data_version=derived_data_version(
+                version, {"datamodels": recorded_data_version(context.instance, datamodels_key)}
+            ),
+        )
         yield dg.AssetCheckResult(
             check_name="lds_floor",
             passed=True if floor is None else bool(np.isfinite(result.lds) and result.lds >= floor),

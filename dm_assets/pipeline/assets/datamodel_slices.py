@@ -26,6 +26,10 @@ The slices' asset is in its own group, ``<name>_slices``: its partitions (slices
 not the training partitions (blocks of models), and one Dagster run holds assets of one
 partitioning only, so it is left out of the experiment's jobs (``<name>_all`` selects the group
 ``<name>``); backfill it from the UI or ``dagster asset materialize``, then run ``<name>_fit``.
+
+Versions (:mod:`dm_assets.pipeline.assets.versions`): both assets' code version is a hash of the
+regression settings; a slice fit's data version is derived from it, the slice keys of the run
+and the dataset's data version, the merge's from it and the data version of every slice.
 """
 
 import time
@@ -39,7 +43,13 @@ from dm_assets.pipeline.assets.fit_steps import (
     datamodels_results,
     fit_id,
     fit_on_a_device_slot,
+    record_mlflow_run,
     run_tags,
+)
+from dm_assets.pipeline.assets.versions import (
+    derived_data_version,
+    recorded_data_version,
+    settings_version,
 )
 from dm_assets.pipeline.experiment import Experiment, RegressionSettings
 from dm_assets.pipeline.resources.device_slots import GPU_POOL, DeviceSlotsResource
@@ -132,6 +142,7 @@ def slice_assets(
     min_r2 = experiment.checks.min_mean_val_r2
     slices = {s.key: s for s in experiment_slices(experiment, regression)}
     partitions = dg.StaticPartitionsDefinition(list(slices))
+    version = settings_version("regression", regression)
 
     with warnings.catch_warnings():
         # BackfillPolicy is marked beta; one slice per run lets slices fit in parallel
@@ -149,6 +160,7 @@ def slice_assets(
             f"$DM_HOME/{name}/slices/<key>/, the latest linked as <key>/latest. One MLflow run "
             "per slice fit.",
             kinds={"pytorch", "mlflow"},
+            code_version=version,
         )
 
     @slices_decorator
@@ -171,7 +183,13 @@ def slice_assets(
                 regression.config(data_path=paths.beton, out_dir=fit_dir), targets=target_slice
             )
             run, seconds = fit_on_a_device_slot(
-                context, experiment, devices, config, fit_dir, paths.slices / key / LATEST
+                context,
+                experiment,
+                devices,
+                config,
+                fit_dir,
+                paths.slices / key / LATEST,
+                store=paths.store,
             )
             run_id = tracking.log_regression(
                 experiment=name,
@@ -183,9 +201,19 @@ def slice_assets(
                     "dm_assets.targets": f"{target_slice.start}-{target_slice.end - 1}",
                 },
             )
+            record_mlflow_run(fit_dir, run_id)
             fitted.append((key, fit_dir, run.fit.summary, seconds, run_id))
             context.log.info("slice %s: %s in %.1f s", key, fit_dir, seconds)
-        return dg.MaterializeResult(metadata=_slice_metadata(slices, fitted))
+        return dg.MaterializeResult(
+            metadata=_slice_metadata(slices, fitted),
+            data_version=derived_data_version(
+                version,
+                {
+                    "slices": ",".join(context.partition_keys),
+                    "dataset": recorded_data_version(context.instance, dataset_key),
+                },
+            ),
+        )
 
     @dg.asset(
         key=datamodels_key,
@@ -197,6 +225,7 @@ def slice_assets(
         f"$DM_HOME/{name}/datamodels. One MLflow run per merge, parent of its slices' runs.",
         kinds={"pytorch", "mlflow"},
         check_specs=datamodels_check_specs(datamodels_key, min_r2),
+        code_version=version,
     )
     def datamodels(context: dg.AssetExecutionContext, home: HomeResource, tracking: MlflowTracking):
         from dm_assets.regression.fit import FitFolder
@@ -213,7 +242,7 @@ def slice_assets(
         slice_dirs = {key: (paths.slices / key / LATEST).resolve() for key in slices}
         fit_dir = paths.fits / fit_id(context)
         try:
-            merge_fits(list(slice_dirs.values()), fit_dir)
+            merge_fits(list(slice_dirs.values()), fit_dir, dagster_run_id=context.run.run_id)
         except MergeError as exc:
             raise dg.Failure(description=str(exc)) from exc
         FitFolder.open(fit_dir).point_link(paths.datamodels)
@@ -226,6 +255,7 @@ def slice_assets(
             tags=run_tags(context, datamodels_key, "", name),
             params={f"slices.{key}": folder.name for key, folder in slice_dirs.items()},
         )
+        record_mlflow_run(fit_dir, run_id)
         if run_id is not None:
             _nest_slice_runs(context, tracking, name, slice_dirs, run_id)
         yield from datamodels_results(
@@ -238,6 +268,10 @@ def slice_assets(
                 "slices": len(slice_dirs),
                 "fit_seconds": float(FitFolder.open(fit_dir).summary()["seconds"]),
             },
+            data_version=derived_data_version(
+                version,
+                {key: recorded_data_version(context.instance, slices_key, key) for key in slices},
+            ),
         )
 
     return [datamodel_slices, datamodels]

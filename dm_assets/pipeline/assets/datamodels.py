@@ -1,7 +1,12 @@
 """The fitting half of an experiment's graph: ``<name>/regression_dataset`` (the FFCV beton of
 completed rows) and ``<name>/datamodels`` (one LASSO path per target, MLflow-tracked). With
 ``regression.targets_per_slice`` the fit is split by targets (see
-:mod:`dm_assets.pipeline.assets.datamodel_slices`) and ``<name>/datamodels`` merges the slices."""
+:mod:`dm_assets.pipeline.assets.datamodel_slices`) and ``<name>/datamodels`` merges the slices.
+
+Versions (:mod:`dm_assets.pipeline.assets.versions`): the dataset's data version is a hash of
+the model indices it holds, their configuration ids and the keys written, so rewriting it after
+more models complete (or after a retrain) gives a new version and marks the datamodels stale;
+the datamodels' is derived from their settings and the dataset's version."""
 
 import dagster as dg
 import numpy as np
@@ -12,7 +17,16 @@ from dm_assets.pipeline.assets.fit_steps import (
     datamodels_results,
     fit_id,
     fit_on_a_device_slot,
+    record_mlflow_run,
     run_tags,
+)
+from dm_assets.pipeline.assets.versions import (
+    configuration_counts,
+    derived_data_version,
+    describe_counts,
+    digest,
+    recorded_data_version,
+    settings_version,
 )
 from dm_assets.pipeline.experiment import Experiment, RegressionSettings
 from dm_assets.pipeline.resources.device_slots import GPU_POOL, DeviceSlotsResource
@@ -29,6 +43,7 @@ def regression_assets(
     dataset_key = dg.AssetKey([name, "regression_dataset"])
     datamodels_key = dg.AssetKey([name, "datamodels"])
     min_r2 = experiment.checks.min_mean_val_r2
+    datamodels_version = settings_version("regression", regression)
 
     @dg.asset(
         key=dataset_key,
@@ -38,6 +53,7 @@ def regression_assets(
         f"({regression.x_name}), targets ({regression.y_name}, float32) and idx (the model "
         "index), in increasing model index.",
         kinds={"ffcv"},
+        code_version=settings_version("dataset", regression.x_name, regression.y_name),
         check_specs=[
             dg.AssetCheckSpec(
                 "rows_match_store",
@@ -76,7 +92,15 @@ def regression_assets(
         except BetonError as exc:
             raise dg.Failure(description=str(exc)) from exc
         context.log.info("wrote %s", summary)
+        written = beton_info(paths.beton).model_indices
+        with Store.open(paths.store) as store:
+            ids = store.configuration_ids(written)
+        counts = configuration_counts(ids)
         yield dg.MaterializeResult(
+            data_version=dg.DataVersion(
+                "dataset-"
+                + digest(regression.x_name, regression.y_name, written.tolist(), ids.tolist())
+            ),
             metadata={
                 "path": dg.MetadataValue.path(str(summary.path)),
                 "rows": summary.rows,
@@ -86,9 +110,10 @@ def regression_assets(
                 "n_features": summary.n_features,
                 "n_targets": summary.n_targets,
                 "seconds": summary.seconds,
-            }
+                "configuration_ids": describe_counts(counts),
+                "mixed": len(counts) > 1,
+            },
         )
-        written = beton_info(paths.beton).model_indices
         missing = np.setdiff1d(completed, written)
         extra = np.setdiff1d(written, completed)
         yield dg.AssetCheckResult(
@@ -116,6 +141,7 @@ def regression_assets(
         "run per fit with a metric point per lambda step.",
         kinds={"pytorch", "mlflow"},
         check_specs=datamodels_check_specs(datamodels_key, min_r2),
+        code_version=datamodels_version,
     )
     def datamodels(
         context: dg.AssetExecutionContext,
@@ -127,7 +153,7 @@ def regression_assets(
         fit_dir = paths.fits / fit_id(context)
         config = regression.config(data_path=paths.beton, out_dir=fit_dir)
         _, seconds = fit_on_a_device_slot(
-            context, experiment, devices, config, fit_dir, paths.datamodels
+            context, experiment, devices, config, fit_dir, paths.datamodels, store=paths.store
         )
         run_id = tracking.log_regression(
             experiment=name,
@@ -135,8 +161,17 @@ def regression_assets(
             run_name=f"{name} {fit_dir.name}",
             tags=run_tags(context, datamodels_key, "", name),
         )
+        record_mlflow_run(fit_dir, run_id)
         yield from datamodels_results(
-            fit_dir, seconds=seconds, run_id=run_id, tracking=tracking, min_r2=min_r2
+            fit_dir,
+            seconds=seconds,
+            run_id=run_id,
+            tracking=tracking,
+            min_r2=min_r2,
+            data_version=derived_data_version(
+                datamodels_version,
+                {"dataset": recorded_data_version(context.instance, dataset_key)},
+            ),
         )
 
     return [regression_dataset, datamodels]

@@ -39,13 +39,17 @@ def fit_on_a_device_slot(
     config: RegressionConfig,
     fit_dir: Path,
     link: Path,
+    *,
+    store: Path,
 ) -> tuple[FitRun, float]:
     """Fit ``config`` holding one of the experiment's device slots (``cfg.device: auto`` then
     means that slot's device) into the new fit folder ``fit_dir``
-    (:func:`~dm_assets.regression.fit_run.fit_into_folder`) and point ``link`` at it; the fit
-    and the seconds taken, waiting for the slot included."""
+    (:func:`~dm_assets.regression.fit_run.fit_into_folder`, its manifest naming the rows of
+    ``store`` it used and this Dagster run) and point ``link`` at it; the fit and the seconds
+    taken, waiting for the slot included."""
     from dm_assets.regression.beton import BetonError
     from dm_assets.regression.fit_run import configure_fit, fit_into_folder
+    from dm_assets.regression.manifest import ManifestError
 
     started = time.perf_counter()
     with devices.acquire(
@@ -59,11 +63,27 @@ def fit_on_a_device_slot(
         )
         context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
         try:
-            run = fit_into_folder(config, fit_dir)
-        except (ConfigError, BetonError) as exc:
+            regression = experiment.regression
+            run = fit_into_folder(
+                config,
+                fit_dir,
+                store=store,
+                x_name=regression.x_name if regression else None,
+                y_name=regression.y_name if regression else None,
+                dagster_run_id=context.run.run_id,
+            )
+        except (ConfigError, BetonError, ManifestError) as exc:
             raise dg.Failure(description=str(exc)) from exc
     run.folder.point_link(link)
     return run, time.perf_counter() - started
+
+
+def record_mlflow_run(fit_dir: Path, run_id: str | None) -> None:
+    """Record the MLflow run that logged the fit in ``fit_dir`` in its manifest (none: kept)."""
+    from dm_assets.regression.fit import FitFolder
+
+    if run_id is not None:
+        FitFolder.open(fit_dir).record_runs(mlflow_run_id=run_id)
 
 
 def run_tags(
@@ -103,9 +123,11 @@ def datamodels_results(
     tracking: MlflowTracking,
     min_r2: float | None,
     extra: dict[str, dg.RawMetadataValue] | None = None,
+    data_version: dg.DataVersion | None = None,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """The materialization of ``<name>/datamodels`` (metadata from the fit's summary) and its
-    two checks, for the fit folder ``fit_dir`` (named in the metadata as given)."""
+    """The materialization of ``<name>/datamodels`` (metadata from the fit's summary, with
+    ``data_version``) and its two checks, for the fit folder ``fit_dir`` (named in the metadata
+    as given)."""
     import torch
 
     from dm_assets.regression.fit import FitFolder
@@ -129,7 +151,7 @@ def datamodels_results(
     if run_id is not None:
         meta["mlflow_run_id"] = run_id
         meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
-    yield dg.MaterializeResult(metadata=meta)
+    yield dg.MaterializeResult(metadata=meta, data_version=data_version)
     finite = bool(
         torch.isfinite(weight).all()
         and torch.isfinite(weights["bias"]).all()

@@ -1,15 +1,36 @@
-"""The training half of an experiment's graph: ``<name>/store`` and ``<name>/model_outputs``."""
+"""The training half of an experiment's graph: ``<name>/store`` and ``<name>/model_outputs``.
+
+Before training anything, ``model_outputs`` compares the experiment's training configuration
+(:func:`~dm_assets.pipeline.assets.versions.training_configuration`) with the configurations
+recorded for the store's completed rows (:func:`compare_configurations`); ``trainer.on_change``
+decides: ``refuse`` fails the run naming every difference and the remedies, ``retrain`` trains
+the selected partitions' rows of other configurations again (the workers replace them), ``mix``
+trains what is missing and says so in the metadata. Code and data versions: see
+:mod:`dm_assets.pipeline.assets.versions`.
+"""
 
 import warnings
+from dataclasses import dataclass
 
 import dagster as dg
+import numpy as np
 
+from dm_assets.pipeline.assets.versions import (
+    configuration_counts,
+    describe_counts,
+    outputs_code_version,
+    rows_data_version,
+    store_code_version,
+    store_data_version,
+    training_configuration,
+)
 from dm_assets.pipeline.experiment import Experiment
 from dm_assets.pipeline.resources.device_slots import GPU_POOL
 from dm_assets.pipeline.resources.experiment_home import HomeResource
 from dm_assets.pipeline.resources.trainers import Trainer, trainer_resource_key
 from dm_assets.store.store import Store, StoreError
-from dm_assets.training.launcher import completed_blocks, progress_lines
+from dm_assets.training.configuration import ConfigurationError, TrainingConfiguration
+from dm_assets.training.launcher import compact_ranges, completed_blocks, progress_lines
 
 
 def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
@@ -30,6 +51,65 @@ def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
     }
 
 
+@dataclass(frozen=True)
+class ConfigurationCheck:
+    """The experiment's training configuration against a store's recorded ones.
+
+    ``current``: the experiment's configuration; ``current_id``: its id in the store, None when
+    not recorded yet; ``others``: each other recorded configuration that produced completed
+    rows, by id; ``rows``: the completed model indices of each of those, by id.
+    """
+
+    current: TrainingConfiguration
+    current_id: int | None
+    others: dict[int, TrainingConfiguration]
+    rows: dict[int, np.ndarray]
+
+    def refusal(self, experiment: Experiment, store: Store) -> str:
+        """Why a launch with ``trainer.on_change: refuse`` trains nothing: every difference,
+        then the remedies."""
+        total = sum(len(r) for r in self.rows.values())
+        lines = [
+            f"experiment {experiment.name!r}: the store at {store.path} holds {total} completed "
+            "model(s) trained under another training configuration than the experiment's "
+            "(trainer.on_change: refuse); nothing was trained."
+        ]
+        for cid, other in sorted(self.others.items()):
+            rows = self.rows[cid]
+            lines.append(
+                f"configuration {cid} ({len(rows)} model(s): {compact_ranges(rows.tolist())}) "
+                "-> the experiment's now:"
+            )
+            lines.extend(f"  {line}" for line in other.differences(self.current))
+        lines.append(
+            "Remedies: set trainer.on_change: retrain in the experiment to train the selected "
+            "partitions' models of other configurations again (each row replaced), or "
+            "trainer.on_change: mix to keep them and train only the missing models (recorded "
+            "as mixed); or give the experiment a new name (a new store); or undo the change."
+        )
+        return "\n".join(lines)
+
+
+def compare_configurations(store: Store, current: TrainingConfiguration) -> ConfigurationCheck:
+    """:class:`ConfigurationCheck` of ``current`` against the configurations ``store`` recorded
+    (a store with none recorded, a seed's, has no others: it behaves as before)."""
+    recorded = store.configurations()
+    fingerprint = current.fingerprint()
+    current_id = next((i for i, c in recorded.items() if c.fingerprint() == fingerprint), None)
+    others: dict[int, TrainingConfiguration] = {}
+    rows: dict[int, np.ndarray] = {}
+    if recorded:
+        completed = store.completed_mask()
+        ids = store.configuration_ids()
+        for cid, config in recorded.items():
+            if cid == current_id:
+                continue
+            found = np.flatnonzero(completed & (ids == cid))
+            if len(found):
+                others[cid], rows[cid] = config, found
+    return ConfigurationCheck(current, current_id, others, rows)
+
+
 def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     """``store``, ``model_outputs`` (partitioned by blocks of model indices) and the store
     completeness check, keys prefixed with the experiment's name."""
@@ -42,19 +122,42 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         key=store_key,
         group_name=name,
         description=f"The memory-mapped store of experiment {name!r}: one row per model "
-        f"({experiment.num_models}) for each key of the spec, plus completion flags. "
-        "Initialized once; materializing again reopens it and never wipes a row.",
+        f"({experiment.num_models}) for each key of the spec, plus completion flags and the "
+        "id of the training configuration of each row. Initialized once; materializing again "
+        "reopens it and never wipes a row; a larger num_models in the experiment grows it in "
+        "place (every row kept), a smaller one is refused.",
         kinds={"numpy"},
+        code_version=store_code_version(experiment),
     )
     def store(context: dg.AssetExecutionContext, home: HomeResource) -> dg.MaterializeResult:
         paths = experiment.paths(home.path or None)
+        wanted = experiment.num_models
+        before = None
+        if (paths.store / "spec.json").exists():
+            try:
+                with Store.open(paths.store) as existing:
+                    before = existing.spec.num_models
+            except StoreError as exc:
+                raise dg.Failure(description=str(exc)) from exc
+        if before is not None and before > wanted:
+            raise dg.Failure(
+                description=f"experiment {name!r} asks for num_models = {wanted}, but its store "
+                f"at {paths.store} already holds {before} models: a store never shrinks. Set "
+                f"num_models back to {before} or more in {experiment.source}, or give the "
+                "experiment a new name for a new store."
+            )
         try:
-            with Store.initialize(paths.store, experiment.spec) as opened:
+            with Store.initialize(paths.store, experiment.spec, grow=True) as opened:
                 meta = store_metadata(opened)
         except StoreError as exc:
             raise dg.Failure(description=str(exc)) from exc
+        if before is not None and before < wanted:
+            context.log.info(
+                "grew the store at %s from %d to %d models", paths.store, before, wanted
+            )
+            meta["grown_from"] = dg.MetadataValue.int(before)
         context.log.info("store at %s", paths.store)
-        return dg.MaterializeResult(metadata=meta)
+        return dg.MaterializeResult(metadata=meta, data_version=store_data_version(experiment))
 
     # the trainer resource this experiment trains with: local worker processes, or SLURM
     trainer_key = trainer_resource_key(experiment.launcher)
@@ -74,6 +177,7 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             "device slot. Completed models are skipped.",
             kinds={"pytorch"},
             required_resource_keys={"home", trainer_key},
+            code_version=outputs_code_version(experiment),
         )
 
     @outputs_decorator
@@ -83,13 +187,62 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         paths = experiment.paths(home.path or None)
         blocks = {key: Experiment.partition_indices(key) for key in context.partition_keys}
         indices = [i for block in blocks.values() for i in block]
+        on_change = experiment.trainer.on_change
+        try:
+            current = training_configuration(experiment)
+            with Store.open(paths.store) as opened:
+                check = compare_configurations(opened, current)
+                if check.others and on_change == "refuse":
+                    raise dg.Failure(description=check.refusal(experiment, opened))
+        except (ConfigurationError, StoreError) as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        replace = frozenset(check.others) if on_change == "retrain" else frozenset()
+        selected = np.asarray(indices, dtype=np.int64)
+        to_replace = sum(int(np.isin(check.rows[c], selected).sum()) for c in replace)
+        if check.others:
+            context.log.warning(
+                "%s: the store holds models of %d other training configuration(s) (%s); "
+                "trainer.on_change: %s%s",
+                name,
+                len(check.others),
+                describe_counts({c: len(r) for c, r in check.rows.items()}),
+                on_change,
+                f": retraining {to_replace} of them in the selected partitions"
+                if on_change == "retrain"
+                else ": kept beside the new ones (mixed)",
+            )
         report = trainer.train(
             experiment,
             paths,
             indices,
             log=context.log,
             on_progress=progress_lines(context.log.info, name, trainer.progress_every),
+            replace_configurations=replace,
         )
+        with Store.open(paths.store) as opened:
+            completed = opened.completed_mask()[selected]
+            ids = opened.configuration_ids(selected)
+            store_ids = opened.configuration_ids()[opened.completed_mask()]
+            current_id = next(
+                (
+                    i
+                    for i, c in opened.configurations().items()
+                    if c.fingerprint() == current.fingerprint()
+                ),
+                None,
+            )
+        present = configuration_counts(ids[completed])
+        for key, block in blocks.items():
+            first = block[0] - indices[0]
+            part = slice(first, first + len(block))
+            context.add_asset_metadata(
+                {
+                    "configuration_ids": describe_counts(
+                        configuration_counts(ids[part][completed[part]])
+                    )
+                },
+                partition_key=key,
+            )
         meta: dict[str, dg.MetadataValue] = {
             "partitions": dg.MetadataValue.int(len(blocks)),
             "models": dg.MetadataValue.int(len(indices)),
@@ -99,6 +252,19 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             "seconds_per_model": dg.MetadataValue.float(report.mean_seconds_per_model),
             "wall_seconds": dg.MetadataValue.float(report.wall_seconds),
             "worker_processes": dg.MetadataValue.int(report.processes),
+            "configuration_fingerprint": dg.MetadataValue.text(current.fingerprint()),
+            "configuration_id": dg.MetadataValue.int(-1 if current_id is None else current_id),
+            "configuration_args": dg.MetadataValue.json(current.args),
+            "configuration_code": dg.MetadataValue.text(current.code),
+            "configuration_versions": dg.MetadataValue.json(current.versions),
+            "configuration_ids": dg.MetadataValue.text(describe_counts(present)),
+            "store_configuration_ids": dg.MetadataValue.text(
+                describe_counts(configuration_counts(store_ids))
+            ),
+            "on_change": dg.MetadataValue.text(on_change),
+            # what a fit of the store's completed rows would mix (unknown counts as one)
+            "mixed": dg.MetadataValue.bool(len(configuration_counts(store_ids)) > 1),
+            "replaced": dg.MetadataValue.int(to_replace),
         }
         context.log.info("%s: %s", name, report.summary())
         if report.failed:
@@ -108,7 +274,10 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             raise dg.Failure(
                 description=report.failure_text(experiment.trainer.retries), metadata=meta
             )
-        yield dg.MaterializeResult(metadata=meta)
+        yield dg.MaterializeResult(
+            metadata=meta,
+            data_version=dg.DataVersion(rows_data_version(selected, completed, ids)),
+        )
 
     minimum = experiment.checks.min_completed_fraction
 

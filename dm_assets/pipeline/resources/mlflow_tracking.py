@@ -9,6 +9,7 @@ the Dagster definitions) stays cheap. By default the store lives in ``DM_HOME``:
     $DM_HOME/mlflow-artifacts/<experiment>/<run id>/artifacts/
         datamodels.pt, regularization_path.csv,        the fit directory's four files
         summary.json, config.yaml
+        manifest.json                                  the fit's lineage, when it has one
         regularization_path.png                        ``plot_path`` of the path table
 
 What one run records, for a fit directory written by ``write_outputs``:
@@ -19,7 +20,16 @@ What one run records, for a fit directory written by ``write_outputs``:
 - metrics per lambda step (``step`` = path index): ``path/<column>`` for every column of
   ``step_metrics`` (``path/mean_val_mse``, ``path/fraction_on_path``...);
 - final metrics: the numbers in ``summary.json`` as ``final/<key>`` (``final/mean_val_r2``...);
-- tags: the caller's (Dagster run id, asset key, partition) and ``dm_assets.fit_dir``.
+- tags: the caller's (Dagster run id, asset key, partition) and ``dm_assets.fit_dir``;
+- from the fit's ``manifest.json``, when it has one: params ``manifest.train_models``,
+  ``manifest.val_models`` (models fitted on and choosing lambda), ``manifest.dataset_digest``,
+  ``manifest.rows_digest``, ``manifest.configuration_ids`` (``0,1``; ``-1`` unknown),
+  ``manifest.configuration_fingerprints`` (``id:fingerprint`` pairs), ``manifest.mixed``,
+  ``manifest.git_commit``; the same digests, ids and fingerprints as tags
+  ``dm_assets.dataset_digest``, ``dm_assets.rows_digest``, ``dm_assets.configuration_ids``,
+  ``dm_assets.configuration_fingerprints``; the run's id is recorded into the manifest
+  (:meth:`FitFolder.record_runs <dm_assets.regression.fit.FitFolder.record_runs>`) before it
+  is logged as an artifact.
 
 ``MlflowTracking(...).ui_command()`` is the shell command that opens the MLflow UI on the store.
 """
@@ -40,7 +50,8 @@ import dagster as dg
 from pydantic import Field
 
 from dm_assets.home import mlflow_artifact_root, mlflow_tracking_uri
-from dm_assets.regression.fit import FIT_FILES, FitFolder
+from dm_assets.regression.fit import FIT_FILES, MANIFEST_FILE, FitFolder
+from dm_assets.regression.manifest import FitManifest
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -76,6 +87,35 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def manifest_params(manifest: FitManifest) -> dict[str, str]:
+    """The MLflow params of a fit's manifest (see the module docstring)."""
+    ids = ",".join(str(i) for i in sorted(int(k) for k in manifest.configuration_ids["counts"]))
+    fingerprints = ",".join(
+        f"{i}:{entry['fingerprint']}" for i, entry in sorted(manifest.configurations.items())
+    )
+    return {
+        "manifest.train_models": str(len(manifest.train_indices)),
+        "manifest.val_models": str(len(manifest.val_indices)),
+        "manifest.dataset_digest": str(manifest.dataset.get("digest")),
+        "manifest.rows_digest": str(manifest.rows.get("digest")),
+        "manifest.configuration_ids": ids or "none",
+        "manifest.configuration_fingerprints": fingerprints or "none",
+        "manifest.mixed": str(manifest.mixed).lower(),
+        "manifest.git_commit": str(manifest.code.get("git_commit")),
+    }
+
+
+def manifest_tags(manifest: FitManifest) -> dict[str, str]:
+    """The MLflow tags of a fit's manifest (see the module docstring)."""
+    params = manifest_params(manifest)
+    return {
+        "dm_assets.dataset_digest": params["manifest.dataset_digest"],
+        "dm_assets.rows_digest": params["manifest.rows_digest"],
+        "dm_assets.configuration_ids": params["manifest.configuration_ids"],
+        "dm_assets.configuration_fingerprints": params["manifest.configuration_fingerprints"],
+    }
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -289,8 +329,11 @@ class MlflowTracking(dg.ConfigurableResource):
         _check_experiment_name(experiment)
         folder = FitFolder.open(fit_dir)
         config, summary, table = folder.config(), folder.summary(), folder.path_table()
+        manifest = folder.manifest() if folder.has_manifest() else None
 
         all_params: dict[str, Any] = _flatten(config)
+        if manifest is not None:
+            all_params.update(manifest_params(manifest))
         for key, value in summary.items():
             if isinstance(value, str | bool) or value is None:
                 all_params[f"summary.{key}"] = value
@@ -324,7 +367,11 @@ class MlflowTracking(dg.ConfigurableResource):
         ]
         tag_list = [
             RunTag(_truncate(str(k), _MAX_KEY), _truncate(str(v), _MAX_TAG_VALUE))
-            for k, v in {**tags, FIT_DIR_TAG: str(fit_dir)}.items()
+            for k, v in {
+                **(manifest_tags(manifest) if manifest is not None else {}),
+                **tags,
+                FIT_DIR_TAG: str(fit_dir),
+            }.items()
         ]
 
         client = self.client()
@@ -339,6 +386,10 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.log_batch(run_id, metrics=chunk)
             for name in FIT_FILES:
                 client.log_artifact(run_id, str(folder.file(name)))
+            if manifest is not None:
+                # the run's own id first, so the logged copy names the run that holds it
+                folder.record_runs(mlflow_run_id=run_id)
+                client.log_artifact(run_id, str(folder.file(MANIFEST_FILE)))
             with tempfile.TemporaryDirectory(prefix="dm-mlflow-") as tmp:
                 png = plot_path(
                     table,

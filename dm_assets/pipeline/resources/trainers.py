@@ -17,7 +17,7 @@ is the one place that maps the kind to the resource key.
 import logging
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import dagster as dg
 from pydantic import Field
@@ -33,6 +33,13 @@ def trainer_resource_key(launcher: LauncherSettings) -> str:
     """The resource key of the trainer an experiment's ``launcher`` section names:
     ``trainer`` (kind ``local``) or ``slurm_trainer`` (kind ``slurm``)."""
     return {"local": "trainer", "slurm": "slurm_trainer"}[launcher.kind]
+
+
+def worker_on_change(experiment: Experiment) -> str | None:
+    """The ``--worker.on_change`` the experiment's workers get: None (left out) for the
+    workers' own default, ``refuse``."""
+    on_change = experiment.trainer.on_change
+    return None if on_change == "refuse" else on_change
 
 
 class Trainer(dg.ConfigurableResource, ABC):
@@ -51,10 +58,15 @@ class Trainer(dg.ConfigurableResource, ABC):
         *,
         log: logging.Logger | dg.DagsterLogManager,
         on_progress: Callable[[int, int], None] | None = None,
+        replace_configurations: Collection[int] = (),
     ) -> TrainingReport:
         """Train ``indices`` (those not yet completed) of the store at ``paths.store`` with
         ``experiment``'s trainer settings, saying what it does on ``log`` and calling
-        ``on_progress(done, total)`` as models complete; what happened to each index."""
+        ``on_progress(done, total)`` as models complete; what happened to each index.
+
+        The workers get ``trainer.version`` and ``trainer.on_change`` (``--worker.version``,
+        ``--worker.on_change``); completed rows written under a configuration id in
+        ``replace_configurations`` are trained again, not skipped (``on_change: retrain``)."""
 
 
 class LocalTrainer(Trainer):
@@ -71,6 +83,7 @@ class LocalTrainer(Trainer):
         *,
         log: logging.Logger | dg.DagsterLogManager,
         on_progress: Callable[[int, int], None] | None = None,
+        replace_configurations: Collection[int] = (),
     ) -> TrainingReport:
         lease = self.devices.acquire(
             experiment.devices,
@@ -96,6 +109,9 @@ class LocalTrainer(Trainer):
                 on_progress=on_progress,
                 progress_every=self.progress_every,
                 python=self.python or sys.executable,
+                version=trainer.version,
+                on_change=worker_on_change(experiment),
+                replace_configurations=replace_configurations,
             )
 
 
@@ -163,6 +179,7 @@ class SlurmTrainer(Trainer):
         *,
         log: logging.Logger | dg.DagsterLogManager,
         on_progress: Callable[[int, int], None] | None = None,
+        replace_configurations: Collection[int] = (),
     ) -> TrainingReport:
         overrides = experiment.launcher.overrides()
         settings = self.model_copy(update=overrides) if overrides else self
@@ -189,4 +206,7 @@ class SlurmTrainer(Trainer):
             python=settings.python or sys.executable,
             env=settings.env,
             workdir=settings.workdir or None,
+            version=trainer.version,
+            on_change=worker_on_change(experiment),
+            replace_configurations=replace_configurations,
         )

@@ -236,3 +236,45 @@ def test_processes_share_a_fresh_store(tmp_path: Path, in_tmp_cwd: Path) -> None
     assert {r.info.run_id for r in runs} == run_ids and len(run_ids) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
     assert list(in_tmp_cwd.iterdir()) == []
+
+
+def test_a_fit_with_a_manifest_logs_its_lineage(tmp_path: Path, in_tmp_cwd: Path) -> None:
+    from mlflow import MlflowClient
+
+    from dm_assets.regression.fit import MANIFEST_FILE, FitFolder
+    from dm_assets.regression.manifest import FitManifest, configuration_summary
+
+    fit_dir = write_small_fit(tmp_path / "fit", n_targets=2, k=5)
+    manifest = FitManifest(
+        train_indices=np.arange(600),
+        val_indices=np.arange(600, 750),
+        dataset={"path": "/d.beton", "bytes": 1, "rows": 900, "digest": "sha256:dataset"},
+        rows={"digest": "sha256:rows", "source": "store", "count": 750},
+        regression={},
+        targets=(0, 2),
+        configurations={
+            0: {"fingerprint": "f" * 64, "configuration": {}},
+            1: {"fingerprint": "e" * 64, "configuration": {}},
+        },
+        configuration_ids=configuration_summary(np.r_[np.zeros(700), np.ones(50)]),
+        code={"dm_assets": "0.1.0", "git_commit": "abc"},
+    )
+    (fit_dir / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict()))
+    tracking = MlflowTracking(home=str(tmp_path / "home"))
+    run_id = tracking.log_regression(
+        experiment="traced", fit_dir=fit_dir, run_name="traced-0", tags={}
+    )
+    assert run_id is not None
+    run = MlflowClient(tracking_uri=tracking.resolved_tracking_uri()).get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["manifest.train_models"] == "600" and params["manifest.val_models"] == "150"
+    assert params["manifest.dataset_digest"] == "sha256:dataset"
+    assert params["manifest.configuration_ids"] == "0,1" and params["manifest.mixed"] == "true"
+    assert params["manifest.configuration_fingerprints"] == f"0:{'f' * 64},1:{'e' * 64}"
+    assert tags["dm_assets.dataset_digest"] == "sha256:dataset"
+    assert tags["dm_assets.rows_digest"] == "sha256:rows"
+    assert tags["dm_assets.configuration_ids"] == "0,1"
+    # the run's id is recorded in the fit's manifest, and the logged copy has it too
+    assert FitFolder.open(fit_dir).manifest().mlflow_run_id == run_id
+    logged = Path(run.info.artifact_uri.removeprefix("file://")) / MANIFEST_FILE
+    assert json.loads(logged.read_text())["mlflow_run_id"] == run_id
