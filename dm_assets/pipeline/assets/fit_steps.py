@@ -23,6 +23,7 @@ from dm_assets.regression.config import ConfigError
 
 if TYPE_CHECKING:
     from dm_assets.regression.config import RegressionConfig
+    from dm_assets.regression.fit import FitFolder
     from dm_assets.regression.fit_run import FitRun
 
 
@@ -115,6 +116,35 @@ def datamodels_check_specs(key: dg.AssetKey, min_r2: float | None) -> list[dg.As
     ]
 
 
+def manifest_metadata(folder: FitFolder) -> dict[str, dg.RawMetadataValue]:
+    """The fit's lineage as asset metadata (the facts ``python -m dm_assets.lineage`` prints):
+    how many and which models it was fitted on, the dataset and rows digests, the training
+    configurations of those rows. Empty for a fit folder written before manifests."""
+    from dm_assets.training.launcher import compact_ranges
+
+    if not folder.has_manifest():
+        return {}
+    manifest = folder.manifest()
+    ids = manifest.configuration_ids
+    return {
+        "train_models": len(manifest.train_indices),
+        "val_models": len(manifest.val_indices),
+        "model_indices": dg.MetadataValue.text(
+            f"train {compact_ranges(manifest.train_indices.tolist())}; "
+            f"val {compact_ranges(manifest.val_indices.tolist())}"
+        ),
+        "dataset_digest": str(manifest.dataset.get("digest", "")),
+        "rows_digest": str(manifest.rows.get("digest", "")),
+        "configuration_ids": dg.MetadataValue.json(
+            {str(k): int(v) for k, v in (ids.get("counts") or {}).items()}
+        ),
+        "configuration_fingerprints": dg.MetadataValue.json(
+            {str(k): str(v.get("fingerprint", "")) for k, v in manifest.configurations.items()}
+        ),
+        "mixed_configurations": manifest.mixed,
+    }
+
+
 def datamodels_results(
     fit_dir: Path,
     *,
@@ -146,6 +176,7 @@ def datamodels_results(
         "mean_val_r2": mean_r2,
         "seconds": seconds,
         "solver": str(summary["solver"]),
+        **manifest_metadata(folder),
         **(extra or {}),
     }
     if run_id is not None:

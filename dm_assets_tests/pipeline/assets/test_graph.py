@@ -92,6 +92,14 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     weights = torch.load(fit_dir / "datamodels.pt")
     assert weights["weight"].shape == (60, 4)
     assert fit["targets"] == 4 and fit["mean_val_r2"] > 0.8
+    # the fit's lineage, from its manifest: which models, which dataset, which configuration
+    manifest = json.loads((fit_dir / "manifest.json").read_text())
+    assert (fit["train_models"], fit["val_models"]) == (200, 50)
+    assert fit["train_models"] == len(manifest["train_indices"])
+    assert fit["dataset_digest"] == manifest["dataset"]["digest"] != ""
+    assert fit["rows_digest"] == manifest["rows"]["digest"] != ""
+    assert fit["mixed_configurations"] is False
+    assert list(fit["configuration_ids"].values()) == [250]
     summary = json.loads((fit_dir / "summary.json").read_text())
     assert summary["n_train"] == 200 and summary["n_val"] == 50
 
