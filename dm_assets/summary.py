@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 from dm_assets.home import dm_home, mlflow_tracking_uri
 from dm_assets.pipeline.experiment import Experiment, load_experiments
-from dm_assets.pipeline.provenance import compact_ranges
 from dm_assets.regression.fit import FitFolder, FitFolderError
-from dm_assets.store.store import Store, StoreError
+from dm_assets.store.store import Store, StoreError, ranges_text
 
 
 def describe(experiment: Experiment) -> list[str]:
@@ -44,7 +43,7 @@ def describe(experiment: Experiment) -> list[str]:
         m = fit.manifest()
         ids = ", ".join(m.configuration_ids.get("counts", {})) or "none"
         lines.append(
-            f"  lineage   models {compact_ranges(m.fitted_indices)}, dataset "
+            f"  lineage   models {ranges_text(m.fitted_indices)}, dataset "
             f"{m.dataset.get('digest', '?')[:19]}, configuration(s) {ids}"
             f"{' (mixed)' if m.mixed else ''}: python -m dm_assets.lineage {experiment.name}"
         )

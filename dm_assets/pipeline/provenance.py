@@ -23,25 +23,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dm_assets.errors import DmError
 from dm_assets.regression.fit import FitFolder, FitFolderError, ManifestMissingError
 from dm_assets.regression.manifest import ManifestError
-from dm_assets.store.store import index_ranges
+from dm_assets.store.store import ranges_text
 
 
 class LineageError(DmError, LookupError):
     """Nothing to trace: an unknown experiment, no fit yet, or a fit without a manifest."""
-
-
-def compact_ranges(indices: np.ndarray | list[int]) -> str:
-    """Model indices as ranges, ``0-199, 220-259`` (``none`` when empty); the order of
-    ``indices`` is not kept (the ranges are of the sorted set)."""
-    runs = index_ranges(np.asarray(indices, dtype=np.int64))
-    if not runs:
-        return "none"
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def resolve_fit(target: str, home: str | os.PathLike[str] | None = None) -> tuple[FitFolder, str]:
@@ -93,7 +82,7 @@ def lineage_facts(target: str, home: str | os.PathLike[str] | None = None) -> di
             "pearson": evaluation.get("pearson"),
             "r2": evaluation.get("r2"),
             "held_out_models": evaluation.get("held_out_models"),
-            "held_out": None if held is None else compact_ranges(held),
+            "held_out": None if held is None else ranges_text(held),
             "excluded_same_mask": evaluation.get("excluded_same_mask"),
             "rows_digest_checked": evaluation.get("rows_digest"),
         }
@@ -129,9 +118,9 @@ def lineage_facts(target: str, home: str | os.PathLike[str] | None = None) -> di
         "dataset": manifest.dataset,
         "store": manifest.store,
         "models": {
-            "train": compact_ranges(manifest.train_indices),
+            "train": ranges_text(manifest.train_indices),
             "train_count": len(manifest.train_indices),
-            "validation": compact_ranges(manifest.val_indices),
+            "validation": ranges_text(manifest.val_indices),
             "validation_count": len(manifest.val_indices),
             "rows_digest": manifest.rows.get("digest"),
             "rows_digest_source": manifest.rows.get("source"),
@@ -164,7 +153,7 @@ def render_lineage(facts: dict[str, Any]) -> str:
         if e["excluded_same_mask"]:
             lines.append(
                 f"                left out (mask of a fitted model): "
-                f"{compact_ranges(e['excluded_same_mask'])}"
+                f"{ranges_text(e['excluded_same_mask'])}"
             )
     f = facts["fit"]
     lines += [

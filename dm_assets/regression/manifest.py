@@ -54,7 +54,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import importlib.metadata
 import logging
 import platform
 import subprocess
@@ -66,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dm_assets.errors import DmError
+from dm_assets.training.configuration import UNKNOWN_CONFIGURATION, distribution_version
 
 if TYPE_CHECKING:
     from dm_assets.regression.config import RegressionConfig
@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
-UNKNOWN_CONFIGURATION = -1  # as dm_assets.training.configuration.UNKNOWN_CONFIGURATION
 DATASET_DIGEST_COVERS = "sha256 of every byte of the dataset file"
 ROWS_DIGEST_COVERS = (
     "sha256 of the train then validation rows: their model indices (int64), masks (uint8) and "
@@ -300,13 +299,6 @@ def configuration_summary(ids: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _distribution_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _git(*args: str) -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -341,7 +333,7 @@ def library_versions() -> dict[str, str | None]:
     """``versions`` of the manifest: Python and the installed distributions that touch a fit."""
     return {
         "python": platform.python_version(),
-        **{name: _distribution_version(name) for name in _VERSIONED},
+        **{name: distribution_version(name) for name in _VERSIONED},
     }
 
 

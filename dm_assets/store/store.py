@@ -146,6 +146,19 @@ class StoreStatus:
         )
 
 
+def ranges_text(indices: np.ndarray | Sequence[int], max_runs: int | None = None) -> str:
+    """Model indices as text, ``0-199, 220-259`` (``none`` when empty): the runs of
+    :func:`index_ranges`, the first ``max_runs`` of them when given, then how many more."""
+    runs = index_ranges(np.asarray(indices, dtype=np.int64))
+    if not runs:
+        return "none"
+    shown = runs if max_runs is None else runs[:max_runs]
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in shown)
+    if len(runs) > len(shown):
+        text += f", ... ({len(runs) - len(shown)} more ranges)"
+    return text
+
+
 def index_ranges(indices: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Sorted unique indices as inclusive ``(first, last)`` runs of consecutive values."""
     idx = np.asarray(indices, dtype=np.int64)
@@ -674,6 +687,18 @@ class Store:
             _write_file_atomically(self.path / CONFIGURATIONS_FILE, text)
         self._refresh()
         return new_id
+
+    def configuration_id(self, config: TrainingConfiguration) -> int | None:
+        """The id ``config`` is recorded under in this store (by fingerprint), or None."""
+        fingerprint = config.fingerprint()
+        return next(
+            (
+                int(k)
+                for k, e in self._read_configurations_file().items()
+                if e.get("fingerprint") == fingerprint
+            ),
+            None,
+        )
 
     def _read_configurations_file(self) -> dict[str, dict[str, Any]]:
         path = self.path / CONFIGURATIONS_FILE

@@ -26,11 +26,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dm_assets.errors import DmError
+
+if TYPE_CHECKING:
+    from dm_assets.store.store import Store
 
 UNKNOWN_CONFIGURATION = -1
 """The configuration id of a row whose configuration is not known (a seed store's rows)."""
@@ -81,16 +84,19 @@ def normalize_args(script_args: Sequence[str]) -> dict[str, str]:
     return {name: v[0] if len(v) == 1 else json.dumps(v) for name, v in sorted(values.items())}
 
 
+def distribution_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, read without importing it (None when
+    it is not installed)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def installed_versions() -> dict[str, str]:
     """``{package: version}`` for :data:`VERSIONED_PACKAGES`, read from the installed
     distributions without importing them (``"not installed"`` for a missing one)."""
-    out: dict[str, str] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = NOT_INSTALLED
-    return out
+    return {name: distribution_version(name) or NOT_INSTALLED for name in VERSIONED_PACKAGES}
 
 
 def module_source_digest(main_import: str) -> str:
@@ -143,12 +149,9 @@ class ConfigurationConflict:
     differences: tuple[str, ...]
 
     def describe(self) -> str:
-        from dm_assets.store.store import index_ranges  # the store imports this module
+        from dm_assets.store.store import ranges_text  # the store imports this module
 
-        runs = index_ranges(np.asarray(self.indices, dtype=np.int64))
-        shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:8])
-        if len(runs) > 8:
-            shown += f", ... ({len(runs) - 8} more ranges)"
+        shown = ranges_text(self.indices, max_runs=8)
         changes = "\n".join(f"      {d}" for d in self.differences)
         return (
             f"{len(self.indices)} completed row(s) ({shown}) were trained under configuration "
@@ -336,6 +339,48 @@ def configuration_for(
     )
 
 
+def find_configuration_conflicts(
+    store: Store, config: TrainingConfiguration
+) -> list[ConfigurationConflict]:
+    """Completed rows of ``store`` written under another known configuration than ``config``,
+    one conflict per configuration (by id); empty when the store records none. Rows of unknown
+    configuration (-1) are no conflict: nothing says they differ."""
+    recorded = store.configurations()
+    if not recorded:
+        return []
+    fingerprint = config.fingerprint()
+    completed = store.completed_indices()
+    ids = store.configuration_ids(completed)
+    conflicts = []
+    for cid, stored in recorded.items():
+        if stored.fingerprint() == fingerprint:
+            continue
+        rows = completed[ids == cid]
+        if rows.size:
+            conflicts.append(
+                ConfigurationConflict(
+                    configuration_id=cid,
+                    configuration=stored,
+                    indices=tuple(int(i) for i in rows),
+                    differences=tuple(stored.differences(config)),
+                )
+            )
+    return conflicts
+
+
+def rows_to_retrain(
+    store: Store, indices: Sequence[int], config: TrainingConfiguration
+) -> list[int]:
+    """The completed ``indices`` whose row was written under another configuration than
+    ``config`` (unknown, -1, included), in the given order."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size == 0:
+        return []
+    mine = store.configuration_id(config)
+    other = store.configuration_ids(idx) != mine if mine is not None else np.ones(idx.size, bool)
+    return [int(i) for i in idx[store.completed_mask()[idx] & other]]
+
+
 __all__ = [
     "UNKNOWN_CONFIGURATION",
     "ConfigurationChangedError",
@@ -343,7 +388,9 @@ __all__ = [
     "ConfigurationError",
     "TrainingConfiguration",
     "configuration_for",
+    "find_configuration_conflicts",
     "installed_versions",
     "module_source_digest",
     "normalize_args",
+    "rows_to_retrain",
 ]

@@ -68,10 +68,11 @@ from dm_assets.store.store import Store, StoreError
 from dm_assets.training.configuration import (
     UNKNOWN_CONFIGURATION,
     ConfigurationChangedError,
-    ConfigurationConflict,
     ConfigurationError,
     TrainingConfiguration,
     configuration_for,
+    find_configuration_conflicts,
+    rows_to_retrain,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,49 +170,6 @@ def parse_indices(text: str) -> list[int]:
                 seen.add(i)
                 indices.append(i)
     return indices
-
-
-def find_configuration_conflicts(
-    store: Store, config: TrainingConfiguration
-) -> list[ConfigurationConflict]:
-    """Completed rows of ``store`` written under another known configuration than ``config``,
-    one conflict per configuration (by id); empty when the store records none. Rows of unknown
-    configuration (-1) are no conflict: nothing says they differ."""
-    recorded = store.configurations()
-    if not recorded:
-        return []
-    fingerprint = config.fingerprint()
-    completed = store.completed_indices()
-    ids = store.configuration_ids(completed)
-    conflicts = []
-    for cid, stored in recorded.items():
-        if stored.fingerprint() == fingerprint:
-            continue
-        rows = completed[ids == cid]
-        if rows.size:
-            conflicts.append(
-                ConfigurationConflict(
-                    configuration_id=cid,
-                    configuration=stored,
-                    indices=tuple(int(i) for i in rows),
-                    differences=tuple(stored.differences(config)),
-                )
-            )
-    return conflicts
-
-
-def rows_to_retrain(
-    store: Store, indices: Sequence[int], config: TrainingConfiguration
-) -> list[int]:
-    """The completed ``indices`` whose row was written under another configuration than
-    ``config`` (unknown, -1, included), in the given order."""
-    idx = np.asarray(list(indices), dtype=np.int64)
-    if idx.size == 0:
-        return []
-    fingerprint = config.fingerprint()
-    mine = [cid for cid, c in store.configurations().items() if c.fingerprint() == fingerprint]
-    own = np.isin(store.configuration_ids(idx), mine)
-    return [int(i) for i in idx[store.completed_mask()[idx] & ~own]]
 
 
 def _make_cwd_importable() -> None:
@@ -721,11 +679,9 @@ __all__ = [
     "UNKNOWN_CONFIGURATION",
     "IndexOutcome",
     "WorkerReport",
-    "find_configuration_conflicts",
     "main",
     "parse_indices",
     "read_report",
-    "rows_to_retrain",
     "run_indices",
     "train_index",
     "write_report",

@@ -120,7 +120,7 @@ def manifest_metadata(folder: FitFolder) -> dict[str, dg.RawMetadataValue]:
     """The fit's lineage as asset metadata (the facts ``python -m dm_assets.lineage`` prints):
     how many and which models it was fitted on, the dataset and rows digests, the training
     configurations of those rows. Empty for a fit folder written before manifests."""
-    from dm_assets.training.launcher import compact_ranges
+    from dm_assets.store.store import ranges_text
 
     if not folder.has_manifest():
         return {}
@@ -130,8 +130,7 @@ def manifest_metadata(folder: FitFolder) -> dict[str, dg.RawMetadataValue]:
         "train_models": len(manifest.train_indices),
         "val_models": len(manifest.val_indices),
         "model_indices": dg.MetadataValue.text(
-            f"train {compact_ranges(manifest.train_indices.tolist())}; "
-            f"val {compact_ranges(manifest.val_indices.tolist())}"
+            f"train {ranges_text(manifest.train_indices)}; val {ranges_text(manifest.val_indices)}"
         ),
         "dataset_digest": str(manifest.dataset.get("digest", "")),
         "rows_digest": str(manifest.rows.get("digest", "")),

@@ -2,7 +2,8 @@
 
 Before training anything, ``model_outputs`` compares the experiment's training configuration
 (:func:`~dm_assets.pipeline.assets.versions.training_configuration`) with the configurations
-recorded for the store's completed rows (:func:`compare_configurations`); ``trainer.on_change``
+recorded for the store's completed rows
+(:func:`~dm_assets.training.configuration.find_configuration_conflicts`); ``trainer.on_change``
 decides: ``refuse`` fails the run naming every difference and the remedies, ``retrain`` trains
 the selected partitions' rows of other configurations again (the workers replace them), ``mix``
 trains what is missing and says so in the metadata. Code and data versions: see
@@ -10,7 +11,6 @@ trains what is missing and says so in the metadata. Code and data versions: see
 """
 
 import warnings
-from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
@@ -29,8 +29,12 @@ from dm_assets.pipeline.resources.device_slots import GPU_POOL
 from dm_assets.pipeline.resources.experiment_home import HomeResource
 from dm_assets.pipeline.resources.trainers import Trainer, trainer_resource_key
 from dm_assets.store.store import Store, StoreError
-from dm_assets.training.configuration import ConfigurationError, TrainingConfiguration
-from dm_assets.training.launcher import compact_ranges, completed_blocks, progress_lines
+from dm_assets.training.configuration import (
+    ConfigurationChangedError,
+    ConfigurationError,
+    find_configuration_conflicts,
+)
+from dm_assets.training.launcher import completed_blocks, progress_lines
 
 
 def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
@@ -51,63 +55,12 @@ def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
     }
 
 
-@dataclass(frozen=True)
-class ConfigurationCheck:
-    """The experiment's training configuration against a store's recorded ones.
-
-    ``current``: the experiment's configuration; ``current_id``: its id in the store, None when
-    not recorded yet; ``others``: each other recorded configuration that produced completed
-    rows, by id; ``rows``: the completed model indices of each of those, by id.
-    """
-
-    current: TrainingConfiguration
-    current_id: int | None
-    others: dict[int, TrainingConfiguration]
-    rows: dict[int, np.ndarray]
-
-    def refusal(self, experiment: Experiment, store: Store) -> str:
-        """Why a launch with ``trainer.on_change: refuse`` trains nothing: every difference,
-        then the remedies."""
-        total = sum(len(r) for r in self.rows.values())
-        lines = [
-            f"experiment {experiment.name!r}: the store at {store.path} holds {total} completed "
-            "model(s) trained under another training configuration than the experiment's "
-            "(trainer.on_change: refuse); nothing was trained."
-        ]
-        for cid, other in sorted(self.others.items()):
-            rows = self.rows[cid]
-            lines.append(
-                f"configuration {cid} ({len(rows)} model(s): {compact_ranges(rows.tolist())}) "
-                "-> the experiment's now:"
-            )
-            lines.extend(f"  {line}" for line in other.differences(self.current))
-        lines.append(
-            "Remedies: set trainer.on_change: retrain in the experiment to train the selected "
-            "partitions' models of other configurations again (each row replaced), or "
-            "trainer.on_change: mix to keep them and train only the missing models (recorded "
-            "as mixed); or give the experiment a new name (a new store); or undo the change."
-        )
-        return "\n".join(lines)
-
-
-def compare_configurations(store: Store, current: TrainingConfiguration) -> ConfigurationCheck:
-    """:class:`ConfigurationCheck` of ``current`` against the configurations ``store`` recorded
-    (a store with none recorded, a seed's, has no others: it behaves as before)."""
-    recorded = store.configurations()
-    fingerprint = current.fingerprint()
-    current_id = next((i for i, c in recorded.items() if c.fingerprint() == fingerprint), None)
-    others: dict[int, TrainingConfiguration] = {}
-    rows: dict[int, np.ndarray] = {}
-    if recorded:
-        completed = store.completed_mask()
-        ids = store.configuration_ids()
-        for cid, config in recorded.items():
-            if cid == current_id:
-                continue
-            found = np.flatnonzero(completed & (ids == cid))
-            if len(found):
-                others[cid], rows[cid] = config, found
-    return ConfigurationCheck(current, current_id, others, rows)
+EXPERIMENT_REMEDIES = (
+    "set trainer.on_change: retrain in the experiment to train the selected partitions' models "
+    "of other configurations again (each row replaced)",
+    "or trainer.on_change: mix to keep them and train only the missing models (recorded as mixed)",
+    "or give the experiment a new name (a new store), or undo the change",
+)
 
 
 def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -191,21 +144,22 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         try:
             current = training_configuration(experiment)
             with Store.open(paths.store) as opened:
-                check = compare_configurations(opened, current)
-                if check.others and on_change == "refuse":
-                    raise dg.Failure(description=check.refusal(experiment, opened))
-        except (ConfigurationError, StoreError) as exc:
+                conflicts = find_configuration_conflicts(opened, current)
+            if conflicts and on_change == "refuse":
+                raise ConfigurationChangedError(paths.store, conflicts, EXPERIMENT_REMEDIES)
+        except (ConfigurationError, ConfigurationChangedError, StoreError) as exc:
             raise dg.Failure(description=str(exc)) from exc
-        replace = frozenset(check.others) if on_change == "retrain" else frozenset()
+        others = {c.configuration_id: np.asarray(c.indices) for c in conflicts}
+        replace = frozenset(others) if on_change == "retrain" else frozenset()
         selected = np.asarray(indices, dtype=np.int64)
-        to_replace = sum(int(np.isin(check.rows[c], selected).sum()) for c in replace)
-        if check.others:
+        to_replace = sum(int(np.isin(others[c], selected).sum()) for c in replace)
+        if others:
             context.log.warning(
                 "%s: the store holds models of %d other training configuration(s) (%s); "
                 "trainer.on_change: %s%s",
                 name,
-                len(check.others),
-                describe_counts({c: len(r) for c, r in check.rows.items()}),
+                len(others),
+                describe_counts({c: len(r) for c, r in others.items()}),
                 on_change,
                 f": retraining {to_replace} of them in the selected partitions"
                 if on_change == "retrain"
@@ -223,14 +177,7 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             completed = opened.completed_mask()[selected]
             ids = opened.configuration_ids(selected)
             store_ids = opened.configuration_ids()[opened.completed_mask()]
-            current_id = next(
-                (
-                    i
-                    for i, c in opened.configurations().items()
-                    if c.fingerprint() == current.fingerprint()
-                ),
-                None,
-            )
+            current_id = opened.configuration_id(current)
         present = configuration_counts(ids[completed])
         for key, block in blocks.items():
             first = block[0] - indices[0]
