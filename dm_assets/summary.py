@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dm_assets.evaluation.report import attribution_lines, curve_lines, score_lines
 from dm_assets.home import dm_home, mlflow_tracking_uri
 from dm_assets.pipeline.experiment import Experiment, load_experiments
 from dm_assets.regression.fit import FitFolder, FitFolderError
@@ -51,17 +52,19 @@ def describe(experiment: Experiment) -> list[str]:
         lines.append("  lineage   not recorded (fitted before manifest.json existed): refit")
     e = fit.evaluation()
     if e is not None:
-        ceiling = (
-            "" if e.get("noise_ceiling") is None else f", noise ceiling {e['noise_ceiling']:.3f}"
-        )
-        lines.append(
-            f"  held out  {e['held_out_models']} models the fit never saw: LDS {e['lds']:.3f}, "
-            f"Pearson {e['pearson']:.3f}, R^2 {e['r2']:.3f}{ceiling}"
-        )
-        for point in e.get("curve") or []:
+        if "ground_truth" not in e:  # evaluated before intervals and ground truths existed
             lines.append(
-                f"            LDS {point['lds']:.3f} when fitted on {point['n_train']} models"
+                f"  held out  {e['held_out_models']} models: LDS {e['lds']:.3f} (evaluated by "
+                "an older version, no interval: materialize datamodel_eval again)"
             )
+        else:
+            score, *more = score_lines(e)
+            lines.append(f"  held out  {score}")
+            lines += [f"            {line}" for line in [*more, *curve_lines(e.get("curve"))]]
+        attributions = fit.attributions()
+        if attributions is not None:
+            lines.append(f"  baselines {fit.file('attributions.json')}")
+            lines += [f"            {line}" for line in attribution_lines(attributions)]
         lines.append(f"  pictures  {fit.path}/*.png, notebooks/datamodels_analysis.ipynb")
     return lines
 

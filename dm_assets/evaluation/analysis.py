@@ -9,8 +9,20 @@ models completed and neither fitted on nor used to choose lambda), as the evalua
 :func:`dm_assets.pipeline.finished.load_finished` finds an experiment's latest fit by name.
 
 Weights on the raw mask scale: ``datamodels.pt`` holds weights for standardized masks; divided
-by each training example's standard deviation (:func:`raw_weights`) a weight is the predicted
-change of the target's output when that training example joins the training set.
+by each training example's standard deviation (:func:`raw_weights`) they act on the 0/1 mask.
+
+**What a weight means (read before interpreting one).** When every model trains on the same
+number ``m`` of examples (the shipped experiments draw masks of exactly ``alpha * p``), the mask
+columns sum to ``m`` on every row: adding the same constant ``c`` to every raw weight changes
+every prediction by ``c * m``, which the intercept absorbs. The centered design has rank
+``p - 1``, the data cannot tell those solutions apart, and only **differences** of weights are
+identified: ``w_j - w_k`` is the predicted change of the output when example ``j`` replaces
+example ``k`` in the training set. The LASSO picks, among the equivalent solutions, the one with
+the smallest penalty, which puts zero at a (``std``-weighted) median of the raw weights: a
+weight is the effect of example ``j`` **relative to a typical example**, not the effect of
+adding ``j`` to the training set (that is not identified by fixed-size masks; masks of varying
+size would identify it). Sums over a mask are unaffected: predictions of models trained on
+``m`` examples are what the datamodels estimate.
 
 Imports neither dagster nor mlflow.
 """
@@ -72,8 +84,10 @@ def read_finished(fit: FitFolder, rows: FitRows) -> FinishedFit:
 
 
 def raw_weights(weights: dict[str, Any]) -> np.ndarray:
-    """float64 ``(p, t)``: each training example's effect on each target's output, on the raw
-    (0/1) mask scale."""
+    """float64 ``(p, t)``: each training example's weight on each target's output, on the raw
+    (0/1) mask scale: with fixed-size masks an effect relative to a typical example (only
+    differences ``raw[j] - raw[k]``, the effect of swapping ``k`` for ``j``, are identified;
+    see the module docstring)."""
     w = np.asarray(weights["weight"], dtype=np.float64)
     return w / np.asarray(weights["std"], dtype=np.float64)[:, None]
 

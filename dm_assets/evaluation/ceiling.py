@@ -104,6 +104,40 @@ def _spearman_from_pearson(r: np.ndarray) -> np.ndarray:
     return (6.0 / math.pi) * np.arcsin(r / 2.0)
 
 
+def spearman_brown(reliability: np.ndarray | float, k: float | np.ndarray) -> np.ndarray:
+    r"""The reliability of the mean of ``k`` replicates from that of one, ``rho`` (any shape):
+    ``rho_k = k rho / (1 + (k - 1) rho)`` (Spearman-Brown).
+
+    Under the model of :func:`estimate_noise_ceiling` (``y = s + e``, noise variance
+    ``sigma^2`` independent of the mask), the mean of ``k`` seeds has noise variance
+    ``sigma^2 / k`` and reliability ``tau^2 / (tau^2 + sigma^2 / k)``, which is ``rho_k``. Where
+    masks have unequal numbers ``k_g`` of seeds, the average noise variance over masks is
+    ``sigma^2 mean_g(1 / k_g)``: pass the harmonic mean of the ``k_g``. ``k`` may be an array
+    that broadcasts against ``rho``. NaN stays NaN.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    if not np.all(np.isnan(k) | (k >= 1)):
+        raise ValueError(f"k={k} must be at least 1 (the number of replicates averaged)")
+    rho = np.asarray(reliability, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return k * rho / (1.0 + (k - 1.0) * rho)
+
+
+def ceiling_of_mean(reliability: np.ndarray, k: float | np.ndarray) -> np.ndarray:
+    r"""The Spearman noise ceiling per target against the mean of ``k`` seeds' outputs, float64
+    shaped like ``reliability`` (one model's reliability per target in normal scores,
+    :attr:`NoiseCeiling.reliability_per_target`; NaN stays NaN)::
+
+        ceiling_j(k) = (6 / pi) * arcsin(sqrt(rho_k_j) / 2),   rho_k = k rho / (1 + (k - 1) rho)
+
+    the ceiling of :func:`estimate_noise_ceiling` with the reliability of a ``k``-seed mean
+    (:func:`spearman_brown`; ``k`` = 1 gives the one-model ceiling). Assumes in addition that
+    averaging the raw outputs acts like averaging their normal scores (the transform ``h`` of
+    the model is close to linear over one mask's spread of seeds).
+    """
+    return _spearman_from_pearson(np.sqrt(spearman_brown(reliability, k)))
+
+
 def _normal_scores(ranks: np.ndarray) -> np.ndarray:
     return ndtri((ranks - 0.5) / ranks.shape[0])
 

@@ -9,7 +9,7 @@ and save in one call, for the callers that only want the file.
 ============================  ===================================================  ============
 figure                        from                                                 file
 ============================  ===================================================  ============
-:func:`lds_curve_figure`      curve points (:func:`~dm_assets.evaluation.curve.    lds_curve.png
+:func:`budget_curve_figure`   the LDS curve (:func:`~dm_assets.evaluation.curve.    lds_curve.png
                               lds_curve` or ``evaluation.json``'s ``curve``)
 :func:`predicted_vs_actual_   predictions and outputs ``(n, t)`` of held-out       predicted_vs_
 figure`                       models                                               actual.png
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dm_assets.evaluation.analysis import embeddings, top_examples
-from dm_assets.evaluation.curve import CurvePoint
+from dm_assets.evaluation.curve import LdsCurve
 from dm_assets.evaluation.metrics import evaluate
 from dm_assets.regression.path_metrics import PATH_COLUMNS, check_path_table, step_metrics
 
@@ -61,52 +62,93 @@ def save_png(fig: Figure, out_png: str | Path) -> Path:
 # ------------------------------------------------------------------------------- LDS curve
 
 
-def _curve_point(point: CurvePoint | Mapping[str, float]) -> tuple[float, float, float, float]:
-    """``(n_train, n_models_used, lds, pearson)`` of a curve point or an ``evaluation.json``
-    curve entry (files written before ``n_models_used`` existed count the training rows)."""
-    values = point.to_dict() if isinstance(point, CurvePoint) else point
-    used = values.get("n_models_used", values["n_train"])
-    return float(values["n_train"]), float(used), float(values["lds"]), float(values["pearson"])
+def _budget_curve_values(
+    curve: LdsCurve | Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str]:
+    """``(n, lds, ci, stops_paying_at, x_label)`` of a curve or its ``to_dict()``: ``n``,
+    ``lds`` float ``(m,)``, ``ci`` float ``(2, m)`` (NaN where a point has no interval)."""
+    values = curve.to_dict() if isinstance(curve, LdsCurve) else curve
+    points = list(values.get("points", []))
+    n = np.array([float(p["n_models"]) for p in points], dtype=np.float64)
+    lds = np.array(
+        [np.nan if p["lds"] is None else float(p["lds"]) for p in points], dtype=np.float64
+    )
+    ci = np.full((2, len(points)), np.nan)
+    for i, p in enumerate(points):
+        pair = p.get("lds_ci")
+        if pair is not None and None not in pair:
+            ci[:, i] = pair
+    stops = values.get("stops_paying_at")
+    folds = values.get("folds")
+    label = values.get("x_label") or (
+        f"models trained (N; lambda chosen by {folds}-fold inside them)"
+        if folds
+        else "models trained (N)"
+    )
+    return n, lds, ci, None if stops is None else int(stops), str(label)
 
 
-def lds_curve_figure(
-    points: Sequence[CurvePoint] | Sequence[Mapping[str, float]],
+def budget_curve_figure(
+    curve: LdsCurve | Mapping[str, Any] | None,
     *,
     title: str = "",
     ceiling: float | None = None,
-    full_lds: float | None = None,
+    ceiling_ci: tuple[float, float] | Sequence[float] | None = None,
 ) -> Figure:
-    """Held-out LDS and Pearson against the number of models in the fit.
+    """Held-out LDS, with its 95% interval, against ``N`` the number of models trained.
 
     Parameters
     ----------
-    points : sequence of CurvePoint, or of mappings
-        The curve (:func:`~dm_assets.evaluation.curve.lds_curve`), or ``evaluation.json``'s
-        ``curve`` entries (``n_train``, ``n_models_used``, ``lds``, ``pearson``).
+    curve : LdsCurve, its ``to_dict()``, or None
+        The budget-honest curve (:func:`~dm_assets.evaluation.curve.lds_curve`): each point
+        used exactly ``N`` models, to choose lambda by K-fold and to fit. None or no points:
+        the figure says that no curve was configured.
     title : str
-        The axes' title (default: "Linear datamodeling score against models used").
+        The axes' title (default: "Held-out LDS against models trained").
     ceiling : float, optional
-        The LDS noise ceiling (:attr:`~dm_assets.evaluation.metrics.Evaluation.noise_ceiling`),
-        drawn as a dashed line.
-    full_lds : float, optional
-        The held-out LDS of the full fit, drawn as a dotted line.
+        The LDS noise ceiling, drawn as a dashed line, with ``ceiling_ci`` ``(lo, hi)`` as a
+        shaded band.
 
-    x: the models the weights were fitted on (training rows, plus the validation rows when
-    refitted), on a log scale when it spans more than a factor 4. With no points the figure
-    says that no curve was computed (and still shows the lines).
+    x: ``N`` on a log2 axis (ticks at the sizes, plainly), labelled "models trained (N; lambda
+    chosen by K-fold inside them)"; interval bars where the curve has them; a dotted vertical
+    line at ``stops_paying_at``, the smallest ``N`` from which the gain per doubling's interval
+    includes 0.
     """
     fig = _new_figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
-    values = np.array([_curve_point(p) for p in points], dtype=np.float64).reshape(-1, 4)
-    n_train, sizes, lds, pearson = values.T
-    refit = [int(u - n) for n, u in zip(n_train, sizes, strict=True) if u != n]
-    if len(points):
-        ax.plot(sizes, lds, marker="o", color="tab:blue", label="LDS (Spearman)")
-        ax.plot(sizes, pearson, marker="s", ls=":", color="tab:orange", label="Pearson")
-        if sizes.max() > 4 * sizes.min():
-            ax.set_xscale("log")
-            ax.minorticks_off()
-        ax.set_xticks(sizes, labels=[str(int(v)) for v in sizes])  # the sizes fitted, plainly
+    n = lds = np.empty(0)
+    ci = np.empty((2, 0))
+    stops: int | None = None
+    label = "models trained (N)"
+    if curve is not None:
+        n, lds, ci, stops, label = _budget_curve_values(curve)
+    if n.size:
+        has_ci = np.isfinite(ci).all(0)
+        yerr = np.zeros((2, n.size))
+        yerr[0, has_ci] = np.maximum(lds[has_ci] - ci[0, has_ci], 0)
+        yerr[1, has_ci] = np.maximum(ci[1, has_ci] - lds[has_ci], 0)
+        ax.errorbar(
+            n,
+            lds,
+            yerr=yerr if has_ci.any() else None,
+            marker="o",
+            capsize=3,
+            color="tab:blue",
+            label="LDS (Spearman), 95% interval" if has_ci.any() else "LDS (Spearman)",
+        )
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xticks(n, labels=[str(int(v)) for v in n])
+        if n.size == 1:
+            ax.set_xlim(n[0] / 1.5, n[0] * 1.5)
+        if stops is not None:
+            ax.axvline(
+                stops,
+                ls=":",
+                color="tab:red",
+                lw=1.2,
+                label=f"from N={stops}: gain per doubling, 95% interval includes 0",
+            )
     else:
         ax.text(
             0.5,
@@ -117,39 +159,39 @@ def lds_curve_figure(
             transform=ax.transAxes,
             color="gray",
         )
-    if full_lds is not None and np.isfinite(full_lds):
-        ax.axhline(full_lds, ls=":", color="tab:blue", lw=1.2, label="LDS of the full fit")
+    band: list[float] = []
     if ceiling is not None and np.isfinite(ceiling):
         ax.axhline(
             ceiling, ls="--", color="black", lw=1.2, label=f"noise ceiling (LDS) {ceiling:.3f}"
         )
-    lines = [v for v in (ceiling, full_lds) if v is not None]
-    shown = np.concatenate([lds, pearson, lines])
+        if ceiling_ci is not None and all(v is not None and np.isfinite(v) for v in ceiling_ci):
+            lo, hi = (float(v) for v in ceiling_ci)
+            ax.axhspan(lo, hi, color="gray", alpha=0.2, lw=0, label="noise ceiling 95% interval")
+            band = [lo, hi]
+    shown = np.concatenate([lds, ci.ravel(), [ceiling] if ceiling is not None else [], band])
     shown = shown[np.isfinite(shown)]
     low = min(0.0, float(shown.min()) - 0.05) if shown.size else 0.0
     ax.set_ylim(low, 1.02)
-    ax.set_xlabel(
-        f"models in the fit (training + {refit[0]} validation models, refit at the chosen lambda)"
-        if refit
-        else "models in the fit"
-    )
-    ax.set_ylabel("held-out correlation (mean over targets)")
+    ax.set_xlabel(label)
+    ax.set_ylabel("held-out LDS (mean over targets)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize="small")
-    ax.set_title(title or "Linear datamodeling score against models used")
+    ax.set_title(title or "Held-out LDS against models trained")
     return fig
 
 
 def plot_lds_curve(
-    points: Sequence[CurvePoint] | Sequence[Mapping[str, float]],
+    curve: LdsCurve | Mapping[str, Any] | None,
     out_png: str | Path,
     *,
     title: str = "",
     ceiling: float | None = None,
+    ceiling_ci: tuple[float, float] | Sequence[float] | None = None,
 ) -> Path:
-    """:func:`lds_curve_figure` saved to ``out_png``; returns the path."""
-    return save_png(lds_curve_figure(points, title=title, ceiling=ceiling), out_png)
+    """:func:`budget_curve_figure` saved to ``out_png``; returns the path."""
+    figure = budget_curve_figure(curve, title=title, ceiling=ceiling, ceiling_ci=ceiling_ci)
+    return save_png(figure, out_png)
 
 
 # ------------------------------------------------------------------- predicted against actual

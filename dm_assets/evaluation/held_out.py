@@ -41,8 +41,9 @@ from dm_assets.regression.manifest import (
 from dm_assets.store.store import Store
 
 if TYPE_CHECKING:
-    from dm_assets.evaluation.curve import CurvePoint
+    from dm_assets.evaluation.curve import LdsCurve
     from dm_assets.evaluation.metrics import Evaluation
+    from dm_assets.evaluation.uncertainty import HeldOutScores
     from dm_assets.regression.config import RegressionConfig
     from dm_assets.regression.fit import FitFolder
 
@@ -315,24 +316,72 @@ def held_out_predictions(
 @dataclass(frozen=True, eq=False)
 class FitEvaluation:
     """A fit judged on held-out models: ``held_out`` their indices (int64 ``(n,)``),
-    ``evaluation`` the scores, ``curve`` the LDS curve (empty without curve sizes), ``report``
-    what ``evaluation.json`` holds."""
+    ``scores`` the scores with their intervals (``scores.evaluation`` the point estimates per
+    target), ``curve`` the budget-honest LDS curve (None without curve sizes), ``report`` what
+    ``evaluation.json`` holds."""
 
     held_out: np.ndarray
-    evaluation: Evaluation
-    curve: list[CurvePoint]
+    scores: HeldOutScores
+    curve: LdsCurve | None
     report: dict[str, Any]
 
+    @property
+    def evaluation(self) -> Evaluation:
+        return self.scores.evaluation
+
     def metrics(self) -> dict[str, float]:
-        """LDS, Pearson, R^2 and, where replicates allowed it, the noise ceiling."""
-        out = {
-            "lds": self.evaluation.lds,
-            "pearson": self.evaluation.pearson,
-            "r2": self.evaluation.r2,
-        }
-        if self.evaluation.noise_ceiling is not None:
-            out["noise_ceiling"] = self.evaluation.noise_ceiling
+        """The scalar results for MLflow: LDS with its interval, Pearson, R^2 and, where
+        replicates allowed it, the noise ceiling and LDS/ceiling (with intervals), and the same
+        against the mean of the seeds' outputs (``mean_of_seeds_*``)."""
+        out = {"pearson": self.evaluation.pearson, "r2": self.evaluation.r2}
+        truths = [("", self.scores.single)]
+        if self.scores.mean_of_seeds is not None:
+            truths.append(("mean_of_seeds_", self.scores.mean_of_seeds))
+        for prefix, truth in truths:
+            for key in ("lds", "noise_ceiling", "lds_over_ceiling"):
+                value = getattr(truth, key)
+                if value is None:
+                    continue
+                out[prefix + key] = float(value)
+                interval = getattr(truth, f"{key}_ci")
+                if interval is not None:
+                    out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = map(
+                        float, interval
+                    )
         return out
+
+
+def _check_replicates(
+    masks: np.ndarray, replicates: int | None, *, experiment: str, source: Path
+) -> np.ndarray:
+    """Group ids of the held-out ``masks`` (same id = same mask); with ``replicates`` set, a
+    :class:`HeldOutError` when no held-out mask repeats, a warning when the groups' sizes are
+    not all ``replicates``."""
+    from dm_assets.evaluation.ceiling import group_identical_masks
+
+    groups = group_identical_masks(masks)
+    if replicates is None:
+        return groups
+    sizes = np.bincount(groups)
+    if not (sizes >= 2).any():
+        raise HeldOutError(
+            f"evaluation.replicates = {replicates} but no two held-out models of {experiment!r} "
+            "share a mask: the trainer must train each held-out mask that many times (digits: "
+            "trainer args digits.repeat_start = num_train + num_val, digits.repeats = "
+            f"{replicates}), or drop evaluation.replicates",
+            source=source,
+        )
+    if not (sizes == replicates).all():
+        values, counts_of = np.unique(sizes, return_counts=True)
+        counts = {int(k): int(v) for k, v in zip(values, counts_of, strict=True)}
+        logger.warning(
+            "evaluation.replicates = %d but the held-out masks have these numbers of models "
+            "(models per mask: masks): %s; the ceiling and the mean-of-seeds truth use what "
+            "is there",
+            replicates,
+            counts,
+        )
+    return groups
 
 
 def evaluate_fit(
@@ -341,6 +390,10 @@ def evaluate_fit(
     *,
     config: RegressionConfig | None = None,
     curve_sizes: Sequence[int] = (),
+    folds: int = 5,
+    replicates: int | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
     experiment: str,
 ) -> FitEvaluation:
     """Judge the fit in ``fit`` on its held-out models and write the evaluation files beside
@@ -350,6 +403,11 @@ def evaluate_fit(
     among the manifest's ``train_indices`` and ``val_indices``, with a mask unlike theirs; the
     rows the fit used are checked unchanged first. ``evaluation.json`` records them
     (``held_out_indices``, ``excluded_same_mask``) and the digests checked.
+
+    Scores (:func:`~dm_assets.evaluation.uncertainty.score_held_out`): LDS, Pearson, R^2
+    against each held-out model's own output, with 95% bootstrap intervals over the held-out
+    masks; where masks repeat, the noise ceiling and LDS / ceiling (with intervals) and the
+    same against the mean of each mask's models (the second ground truth).
 
     Parameters
     ----------
@@ -361,27 +419,35 @@ def evaluate_fit(
         are the experiment's current ones, compared with the manifest's (a warning where they
         differ) but not used.
     config : RegressionConfig, optional
-        Settings of the LDS curve's refits (``cfg``, ``early_stopping``); default the fit's
-        own (its manifest's ``regression``). The split is always the manifest's.
+        Settings of the LDS curve's refits (``cfg``); default the fit's own (its manifest's
+        ``regression``).
     curve_sizes : sequence of int
-        Training-model counts to refit on for the LDS curve (increasing, each at most the
-        fit's number of training models); empty: no curve (the curve's figure says so).
+        Total numbers of trained models N for the LDS curve
+        (:func:`~dm_assets.evaluation.curve.lds_curve`: lambda by ``folds``-fold inside the
+        fit's first N models, train then validation, refit on all N, scored on the same
+        held-out models); empty: no curve (the curve's figure says so).
+    replicates : int, optional
+        Models per held-out mask the experiment trains (``evaluation.replicates``): checked
+        against the held-out masks (no repeated mask is an error; other group sizes a warning).
+    resamples, seed
+        Bootstrap resamples of the held-out masks (0: no intervals) and their seed.
     experiment : str
         The experiment's name, in messages and the curve's title.
 
     Raises
     ------
     HeldOutError
-        The fit has no manifest, or fewer than 3 held-out models are trained.
+        The fit has no manifest, fewer than 3 held-out models are trained, or replicates were
+        promised and no held-out mask repeats.
     RowsChangedError
         Rows the fit used changed since the fit (retrained, rewritten, no longer completed).
     """
     import pandas as pd
 
-    from dm_assets.evaluation.ceiling import group_identical_masks
-    from dm_assets.evaluation.curve import lds_curve
+    from dm_assets.evaluation.curve import lambda_at_grid_ends, lds_curve
     from dm_assets.evaluation.figures import plot_lds_curve, plot_predicted_vs_actual
-    from dm_assets.evaluation.metrics import evaluate, predict
+    from dm_assets.evaluation.metrics import predict
+    from dm_assets.evaluation.uncertainty import score_held_out
     from dm_assets.regression.config import load_config
 
     manifest = fit_manifest(fit)
@@ -400,7 +466,7 @@ def evaluate_fit(
                 + "): train the partitions after them",
                 source=rows.store,
             )
-        # the curve refits on the seen models and scores the held-out ones: read them all
+        # the curve refits on the fitted models and scores the held-out ones: read them all
         # once; without a curve only the held-out rows are needed
         order = np.concatenate([seen, held]) if curve_sizes else held
         x, y = read_rows(
@@ -412,34 +478,45 @@ def evaluate_fit(
             target_end=target_end,
         )
     masks, actual = x[len(order) - len(held) :], y[len(order) - len(held) :]
+    groups = _check_replicates(masks, replicates, experiment=experiment, source=fit.path)
     predicted = predict(weights, masks)
-    result = evaluate(predicted, actual, groups=group_identical_masks(masks))
-    curve = []
+    fit_config = load_config(None, manifest.regression)
+    scores = score_held_out(predicted, actual, groups=groups, resamples=resamples, seed=seed)
+    result = scores.evaluation
+    curve = None
     if curve_sizes:
         curve = lds_curve(
             x,
             y,
             sizes=curve_sizes,
-            num_train=chosen.num_train,
-            num_val=chosen.num_val,
+            folds=folds,
             held_out=slice(len(seen), len(order)),
-            config=config if config is not None else load_config(None, manifest.regression),
+            fitted=len(seen),
+            groups=groups,
+            resamples=resamples,
+            seed=seed,
+            config=fit_config if config is None else config,
         )
-    ceiling = result.noise_ceiling
     plot_lds_curve(
-        curve, fit.file("lds_curve.png"), title=f"{experiment}: LDS on held-out", ceiling=ceiling
+        curve,
+        fit.file("lds_curve.png"),
+        title=f"{experiment}: LDS on {len(held)} held-out models",
+        ceiling=scores.noise_ceiling,
+        ceiling_ci=scores.noise_ceiling_ci,
     )
     plot_predicted_vs_actual(predicted, actual, fit.file("predicted_vs_actual.png"))
+    grid_ends = lambda_at_grid_ends(weights, eps=float(fit_config["cfg"]["eps"]))
     report = {
-        "held_out_models": len(held),
-        "targets": int(result.n_targets),
-        "lds": result.lds,
+        **scores.to_dict(),
         "pearson": result.pearson,
         "r2": result.r2,
-        "noise_ceiling": ceiling,
-        "curve": [p.to_dict() for p in curve],
+        "curve": None if curve is None else curve.to_dict(),
+        "lambda_at_grid_ends": None
+        if grid_ends is None
+        else {"largest": grid_ends[0], "smallest": grid_ends[1]},
         "held_out_indices": [int(i) for i in held],
         "excluded_same_mask": [int(i) for i in chosen.excluded_same_mask],
+        "fitted_models": len(seen),
         "rows_digest": manifest.rows.get("digest"),
         "dataset_digest": manifest.dataset.get("digest"),
         "evaluated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -452,6 +529,8 @@ def evaluate_fit(
             "r2": result.r2_per_target,
         }
     )
+    if result.ceiling is not None:
+        per_target["noise_ceiling"] = result.ceiling.lds_per_target
     # written last: evaluation.json present means the figures are there too
     fit.write_evaluation(report, per_target)
-    return FitEvaluation(held_out=held, evaluation=result, curve=curve, report=report)
+    return FitEvaluation(held_out=held, scores=scores, curve=curve, report=report)

@@ -36,8 +36,17 @@ An experiment file holds::
       targets_per_slice: null           # fit slices of this many targets in parallel (one
                                         # partition of <name>/datamodel_slices each), merged
     evaluation:                         # optional (needs regression): <name>/datamodel_eval
-      curve_sizes: [500, 1000, 2000]    # LDS against models used: refits on these prefixes
+      curve_sizes: [500, 1000, 2000]    # LDS against the total number N of trained models:
+                                        # lambda by K-fold inside the first N fitted models,
+                                        # refit on all N, scored on the same held-out models
+      folds: 5                          # K of that K-fold
+      replicates: 4                     # each held-out mask trained this many times (the
+                                        # trainer makes them): noise ceiling, mean-of-seeds truth
+      bootstrap: 1000                   # resamples of held-out masks for 95% intervals (0: none)
       min_lds: 0.5                      # floor on the held-out LDS (an asset check)
+    attributions:                       # optional (needs evaluation): <name>/attributions,
+      methods: [influence_cg, trak, tracin]  # baselines by the dattri library, scored alike
+      targets: null                     # the first n targets of the fit (default: all)
     checks:
       min_completed_fraction: 1.0       # store completeness the training must reach
       min_mean_val_r2: 0.0              # floor on the datamodels' mean validation R^2
@@ -179,8 +188,25 @@ class RegressionSettings(_Strict):
 class EvaluationSettings(_Strict):
     curve_sizes: list[int] = Field(
         default_factory=list,
-        description="numbers of training models to refit on for the LDS curve (each at most "
-        "data.num_train; empty: no curve)",
+        description="total numbers of trained models N for the LDS curve: each point chooses "
+        "lambda by K-fold inside its first N fitted models, refits on all N and is scored on "
+        "the held-out models (each N at most data.num_train + data.num_val; empty: no curve)",
+    )
+    folds: int = Field(
+        default=5, ge=2, description="folds of the K-fold lambda choice of each curve point"
+    )
+    replicates: int | None = Field(
+        default=None,
+        ge=2,
+        description="each held-out mask is trained this many times (seeds): the noise ceiling "
+        "and the mean-of-seeds ground truth. The trainer produces them (digits: "
+        "digits.repeat_start and digits.repeats); the evaluation checks the held-out models "
+        "form such groups. Default: none expected",
+    )
+    bootstrap: int = Field(
+        default=1000,
+        ge=0,
+        description="resamples of the held-out masks for the 95% intervals (0: no intervals)",
     )
     min_lds: float | None = Field(
         default=None, ge=-1, le=1, description="floor on the held-out LDS (asset check)"
@@ -193,6 +219,37 @@ class EvaluationSettings(_Strict):
             raise ValueError(f"{value}: every size must be at least 2 models")
         if value != sorted(set(value)):
             raise ValueError(f"{value}: list the sizes in increasing order, each once")
+        return value
+
+
+ATTRIBUTION_METHODS = ("influence_cg", "trak", "tracin")
+"""Baseline attribution methods ``<name>/attributions`` can compute (dm_assets.attribution)."""
+
+
+class AttributionSettings(_Strict):
+    methods: list[str] = Field(
+        default_factory=lambda: list(ATTRIBUTION_METHODS),
+        description="baseline attribution methods, each scored like the datamodels: "
+        + ", ".join(ATTRIBUTION_METHODS),
+    )
+    targets: int | None = Field(
+        default=None,
+        ge=1,
+        description="attribute the first this many targets of the fit (default: every target)",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in ATTRIBUTION_METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {unknown}: choose from {', '.join(ATTRIBUTION_METHODS)}"
+            )
+        if not value:
+            raise ValueError("list at least one method (or drop the attributions section)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: list each method once")
         return value
 
 
@@ -237,6 +294,7 @@ class _ExperimentFile(_Strict):
     devices: DeviceSettings = Field(default_factory=DeviceSettings)
     regression: RegressionSettings | None = None
     evaluation: EvaluationSettings | None = None
+    attributions: AttributionSettings | None = None
     launcher: LauncherSettings = Field(default_factory=LauncherSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
 
@@ -308,6 +366,7 @@ class Experiment:
     launcher: LauncherSettings
     checks: CheckSettings
     source: Path
+    attributions: AttributionSettings | None = None
 
     def paths(self, home: str | Path | None = None) -> ExperimentPaths:
         return ExperimentPaths(dm_home(home) / self.name)
@@ -460,11 +519,23 @@ def _check_evaluation(
             f"field evaluation: no held-out models: num_models = {spec.num_models} but "
             f"num_train + num_val = {seen}; the models after them are the held-out ones"
         )
-    too_big = [n for n in evaluation.curve_sizes if n > config["data"]["num_train"]]
+    fitted = config["data"]["num_train"] + config["data"]["num_val"]
+    too_big = [n for n in evaluation.curve_sizes if n > fitted]
     if too_big:
         problems.append(
-            f"field evaluation.curve_sizes: {too_big} exceed data.num_train = "
-            f"{config['data']['num_train']}"
+            f"field evaluation.curve_sizes: {too_big} exceed the {fitted} fitted models "
+            "(data.num_train + data.num_val): each point is a total number of trained models"
+        )
+    too_small = [n for n in evaluation.curve_sizes if n < 2 * evaluation.folds]
+    if too_small:
+        problems.append(
+            f"field evaluation.curve_sizes: {too_small} are below 2 x folds = "
+            f"{2 * evaluation.folds}: each of the {evaluation.folds} folds needs 2 models"
+        )
+    if evaluation.replicates is not None and spec.num_models - seen < evaluation.replicates:
+        problems.append(
+            f"field evaluation.replicates: {evaluation.replicates} seeds per held-out mask but "
+            f"only {spec.num_models - seen} held-out models"
         )
     return problems
 
@@ -493,6 +564,11 @@ def load_experiment(path: str | Path) -> Experiment:
         problems.extend(_check_regression(parsed.regression, spec))
     if parsed.evaluation is not None:
         problems.extend(_check_evaluation(parsed.evaluation, parsed.regression, spec))
+    if parsed.attributions is not None and parsed.evaluation is None:
+        problems.append(
+            "field attributions: the baselines are scored on the evaluation's held-out models: "
+            "add an evaluation section"
+        )
     problems.extend(_check_launcher(parsed.launcher))
     if problems:
         raise ExperimentError(source, problems)
@@ -509,6 +585,7 @@ def load_experiment(path: str | Path) -> Experiment:
         launcher=parsed.launcher,
         checks=parsed.checks,
         source=source,
+        attributions=parsed.attributions,
     )
 
 

@@ -169,10 +169,7 @@ def event_line(entry: Any, quiet: bool) -> str | None:
     return f"{stamp}{where} {kind}: {message}"
 
 
-_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
 _UNFINISHED = ("STARTING", "STARTED", "CANCELING")
-# a run that has not recorded its process after this long never will
-_START_GRACE_SECONDS = 120.0
 
 
 def _alive(pid: int) -> bool:
@@ -187,16 +184,25 @@ def _alive(pid: int) -> bool:
 
 def reap_dead_runs(instance: Any) -> list[str]:
     """Mark failed every unfinished run whose run worker process is gone (killed, OOM, the
-    machine rebooted), and free the ``gpu`` pool slots it claimed.
+    machine rebooted), and free the ``gpu`` pool slots it claimed. Returns the run ids reaped.
 
     Without the daemon's run monitoring nothing else does: a SIGKILLed run would stay STARTED
     and keep its pool slots forever, and once the pool's limit is reached every later training
     or fitting step waits forever. Assumes the instance's runs ran on this machine (what the
-    shipped configuration's default run launcher does). Returns the run ids reaped.
+    shipped configuration's default run launcher does).
+
+    A run's worker is the process Dagster's launchers record when they start it (the ``pid``
+    in the metadata of that engine event: :func:`run_worker_pids`). A run with a recorded
+    worker is failed when none of its workers is alive. A run with none recorded is left
+    alone once it has started (its worker may be this very process, or another machine's; a
+    healthy long run is never failed for its age); only a run still ``STARTING`` longer than
+    the instance's ``run_monitoring.start_timeout_seconds`` after its launch is failed, as
+    Dagster's run monitoring does.
     """
     from dagster import DagsterRunStatus, RunsFilter
 
     statuses = [DagsterRunStatus[name] for name in _UNFINISHED]
+    timeout = float(instance.run_monitoring_start_timeout_seconds)
     reaped = []
     for run in instance.get_runs(filters=RunsFilter(statuses=statuses)):
         pids = run_worker_pids(instance, run.run_id)
@@ -204,25 +210,42 @@ def reap_dead_runs(instance: Any) -> list[str]:
             if any(_alive(pid) for pid in pids):
                 continue
             why = f"its run worker (pid {pids[-1]}) is gone: killed, out of memory, or rebooted"
-        else:
-            record = instance.get_run_record_by_id(run.run_id)
-            started = record.create_timestamp.timestamp() if record else time.time()
-            if time.time() - started < _START_GRACE_SECONDS:
+        elif run.status == DagsterRunStatus.STARTING:
+            launched = instance.get_run_stats(run.run_id).launch_time
+            if launched is None:
+                record = instance.get_run_record_by_id(run.run_id)
+                launched = record.create_timestamp.timestamp() if record else time.time()
+            if time.time() - launched < timeout:
                 continue
-            why = f"it never started a run worker in {_START_GRACE_SECONDS:g} s"
+            why = f"it did not start its run worker within {timeout:g} s of its launch"
+        else:
+            continue
         instance.report_run_failed(run, message=f"dm_assets.launch: marked failed: {why}")
+        # what the daemon's run monitoring does for a finished run (free_slots_after_run_end)
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reaped.append(run.run_id)
     return reaped
 
 
 def run_worker_pids(instance: Any, run_id: str) -> list[int]:
-    """The process ids the run's log says its run workers had (``Started process for run``)."""
-    return [
-        int(match[1])
-        for entry in instance.all_logs(run_id)
-        if entry.message and (match := _PID.search(entry.message))
-    ]
+    """The process ids of the run's workers, in the order they started: the ``pid`` that
+    Dagster's launchers put in the metadata of the engine event reporting a started run
+    worker (``EngineEventData.in_process``), not parsed from the message. Events of a step
+    (a step's own subprocess) are passed over."""
+    from dagster import DagsterEventType
+
+    pids = []
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT)
+    for record in records.records:
+        if record.event_log_entry.step_key is not None:
+            continue
+        event = record.event_log_entry.dagster_event
+        data = event.engine_event_data if event is not None else None
+        value = data.metadata.get("pid") if data is not None else None
+        text = getattr(value, "value", None)
+        if isinstance(text, str) and text.isdigit():
+            pids.append(int(text))
+    return pids
 
 
 def terminate_run(instance: Any, run_id: str, *, warn: Echo = logger.warning) -> None:

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -123,8 +124,22 @@ EVALUATION_FILES: tuple[str, ...] = (
 )
 """The files an evaluation adds beside a fit (the two figures are drawn by the evaluation
 itself, into :meth:`FitFolder.file`)."""
+ATTRIBUTION_FILES: tuple[str, ...] = ("attributions.json", "lds_vs_compute.png")
+"""The files ``<name>/attributions`` adds beside an evaluated fit (with one
+``scores_<method>.npy`` per baseline method: :func:`attribution_scores_file`)."""
 MANIFEST_FILE = "manifest.json"
 """The fit's lineage (see the module docstring); absent in folders written before it existed."""
+
+
+_SCORES_FILE = re.compile(r"scores_[a-z0-9_]+\.npy")
+
+
+def attribution_scores_file(method: str) -> str:
+    """The fit folder file holding a baseline method's score matrix, float32 ``(p, t)``."""
+    name = f"scores_{method}.npy"
+    if not _SCORES_FILE.fullmatch(name):
+        raise ValueError(f"method={method!r}: use lowercase letters, digits and _")
+    return name
 
 
 class FitFolderError(DmError, FileNotFoundError):
@@ -255,8 +270,8 @@ class FitFolder:
         """The path of the folder's file ``name``, one of :data:`FIT_FILES`,
         :data:`EVALUATION_FILES` or :data:`MANIFEST_FILE` (an evaluation file or the manifest
         may not exist)."""
-        known = [*FIT_FILES, *EVALUATION_FILES, MANIFEST_FILE]
-        if name not in known:
+        known = [*FIT_FILES, *EVALUATION_FILES, *ATTRIBUTION_FILES, MANIFEST_FILE]
+        if name not in known and not _SCORES_FILE.fullmatch(name):
             raise ValueError(f"name={name!r} is not a fit folder file: use one of {known}")
         return self.path / name
 
@@ -333,6 +348,12 @@ class FitFolder:
         if not self.file("evaluation.json").is_file():
             return None
         return self._mapping("evaluation.json", json.loads, "a JSON object")
+
+    def attributions(self) -> dict[str, Any] | None:
+        """``attributions.json`` (the baselines of ``<name>/attributions``), or None."""
+        if not self.file("attributions.json").is_file():
+            return None
+        return self._mapping("attributions.json", json.loads, "a JSON object")
 
     def per_target(self) -> pd.DataFrame | None:
         """``evaluation_per_target.csv``, or None when the fit was not evaluated."""

@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from dm_assets.errors import DmError
+
 logger = logging.getLogger(__name__)
 
 DeviceKind = Literal["cuda", "cpu"]
@@ -107,6 +109,34 @@ def _visible_gpus(count: int) -> list[Device]:
         else:  # a GPU-/MIG- UUID: the only name that identifies it machine-wide
             devices.append(Device.cuda(position, visible_id=entry))
     return devices
+
+
+class DeviceNotVisibleError(DmError, ValueError):
+    """A leased GPU is not among the GPUs this process sees (``CUDA_VISIBLE_DEVICES``)."""
+
+
+def torch_device(device: Device) -> str:
+    """The torch device string under which this process reaches ``device``: ``"cpu"`` for a
+    CPU slot; for a GPU ``"cuda:<i>"``, ``i`` its position among the GPUs this process sees.
+
+    torch numbers the visible GPUs ``0 .. n-1`` in the order ``CUDA_VISIBLE_DEVICES`` lists
+    them, so machine GPU 3 under ``CUDA_VISIBLE_DEVICES=2,3`` is ``cuda:1`` (and machine GPU 0
+    under ``1,0`` is ``cuda:1`` too); the machine-wide ordinal names another GPU, or none.
+    Raises :class:`DeviceNotVisibleError` when this process does not see ``device``.
+    """
+    if device.kind != "cuda":
+        return "cpu"
+    visible = _visible_gpus(_cuda_device_count())
+    for position, candidate in enumerate(visible):
+        if candidate.name == device.name:
+            return f"cuda:{position}"
+    seen = ", ".join(d.name for d in visible) or "none"
+    raise DeviceNotVisibleError(
+        f"device slot {device.name} is not among the GPUs this process sees ({seen}; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start the process "
+        "with CUDA_VISIBLE_DEVICES unset or listing that GPU, or restrict the experiment's "
+        "devices.gpus to the GPUs it lists"
+    )
 
 
 def detect_devices(gpus: str | int | Sequence[int] = "auto", cpu_slots: int = 1) -> list[Device]:

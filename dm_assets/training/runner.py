@@ -26,8 +26,14 @@ seed's) is used as before.
 
 Exit status: 0 when every index was trained or skipped as already completed; 1 when any index
 failed (an exception, or values that do not fit the spec); 124 when every failure was a
-timeout; 2 for a usage error or a refused configuration change. A failed index is never
-marked completed.
+timeout; 2 for a usage error or a refused configuration change; 128 + the signal's number
+(143, 130) when SIGTERM or SIGINT stopped it (``scancel``, a SLURM time limit, the local
+launcher's stop, Ctrl-C). A failed index is never marked completed.
+
+A trained row is stored at most ``--worker.commit_every`` seconds after its model returned
+(a background thread commits the waiting group while the next model trains). On SIGTERM or
+SIGINT the model being trained is interrupted and left incomplete, the finished rows are
+stored, and the worker exits as above.
 
 With ``--worker.report=PATH`` the worker also writes what happened as JSON, replacing ``PATH``
 atomically (a temporary file renamed), once, when it ends; only a process that dies (SIGKILL, a
@@ -53,7 +59,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -275,20 +282,24 @@ def _train(
     job_timeout: float | None,
     hard_kill_grace: float,
     retrain: bool = False,
+    store_lock: AbstractContextManager[object] | None = None,
 ) -> tuple[IndexOutcome, dict[str, np.ndarray] | None]:
     """Run ``routine`` for ``index`` and check its values; the row to store, or why not
-    (``retrain``: a completed row of another configuration, trained again)."""
+    (``retrain``: a completed row of another configuration, trained again; ``store_lock``:
+    held while the store is read)."""
     start = time.perf_counter()
 
     def outcome(status: Status, message: str = "") -> IndexOutcome:
         return IndexOutcome(index, status, time.perf_counter() - start, message)
 
-    if not do_if_complete and not retrain and store.is_completed(index):
+    with store_lock if store_lock is not None else nullcontext():
+        skip = not do_if_complete and not retrain and store.is_completed(index)
+        logdir = None if skip else store.worker_dir(index)
+    if logdir is None:
         logger.info(
             "index %d already completed, skipping (use --worker.do_if_complete to redo)", index
         )
         return outcome("skipped", "already completed"), None
-    logdir = store.worker_dir(index)
     try:
         with _Deadline(job_timeout, index, hard_kill_grace):
             values = routine(index=index, logdir=str(logdir))
@@ -311,9 +322,78 @@ def _train(
     return outcome("trained"), row
 
 
+class Terminated(BaseException):
+    """Raised in the worker's main thread by SIGTERM or SIGINT while a model trains (a
+    ``BaseException``, so that a script catching ``Exception`` does not swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _Termination:
+    """SIGTERM and SIGINT handlers for the worker process (``scancel``, a SLURM time limit, the
+    local launcher's stop, Ctrl-C).
+
+    A signal arriving while a model trains (inside :meth:`interruptible`) raises
+    :class:`Terminated` there; one arriving while rows are being stored is recorded and
+    :meth:`check` raises it once that is done, so a commit is never cut in the middle. The
+    handlers are installed only when ``install`` and on the main thread (Python runs signal
+    handlers there), and the previous ones are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, install: bool) -> None:
+        self.install = install and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._interruptible = False
+        self._previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            logger.warning(
+                "%s received: storing the finished rows, then exiting %d",
+                signal.Signals(signum).name,
+                128 + signum,
+            )
+        if self._interruptible:
+            self._interruptible = False
+            raise Terminated(signum)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def check(self) -> None:
+        """Raise :class:`Terminated` when a signal was received."""
+        if self.signum is not None:
+            raise Terminated(self.signum)
+
+    def __enter__(self) -> _Termination:
+        if self.install:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
 class _GroupCommit:
     """Rows trained but not yet stored, committed together (one fsync per file per group)
-    once the oldest has waited ``every`` seconds or they hold ``max_bytes``."""
+    once the oldest has waited ``every`` seconds or they hold ``max_bytes``.
+
+    With ``every > 0`` a background thread commits the group when its oldest row has waited
+    ``every`` seconds, even while the next model trains. Every use of the store by the worker
+    goes through :attr:`lock`. A commit that fails in the thread is raised by the next
+    :meth:`add` or by :meth:`close`, which stops the thread and commits what is left."""
 
     def __init__(
         self,
@@ -332,16 +412,70 @@ class _GroupCommit:
         self.rows: list[tuple[int, dict[str, np.ndarray]]] = []
         self.nbytes = 0
         self.since = 0.0
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        if self._thread is None and self.every > 0:
+            self._thread = threading.Thread(
+                target=self._commit_when_due, name="group-commit", daemon=True
+            )
+            self._thread.start()
+
+    def _commit_when_due(self) -> None:
+        with self._wake:
+            while not self._closed:
+                if not self.rows:
+                    self._wake.wait()
+                    continue
+                left = self.since + self.every - time.perf_counter()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                try:
+                    self.commit()
+                except BaseException as exc:  # raised in the main thread by add() or close()
+                    logger.error("storing index(es) failed: %s", exc)
+                    self._error = exc
+                    return
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def add(self, index: int, row: dict[str, np.ndarray]) -> None:
-        if not self.rows:
-            self.since = time.perf_counter()
-        self.rows.append((index, row))
-        self.nbytes += sum(a.nbytes for a in row.values())
-        if time.perf_counter() - self.since >= self.every or self.nbytes >= self.max_bytes:
-            self.commit()
+        with self.lock:
+            self._raise_error()
+            if not self.rows:
+                self.since = time.perf_counter()
+            self.rows.append((index, row))
+            self.nbytes += sum(a.nbytes for a in row.values())
+            if time.perf_counter() - self.since >= self.every or self.nbytes >= self.max_bytes:
+                self.commit()
+            else:
+                self._start()
+                self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the background thread and commit the rows left (raising a failed commit)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        with self.lock:
+            self._error = None  # logged; the rows it left are tried again here
+            self._commit()
 
     def commit(self) -> None:
+        with self.lock:
+            self._commit()
+
+    def _commit(self) -> None:
         if not self.rows:
             return
         if self.configuration is not None and self.configuration_id is None:
@@ -404,12 +538,19 @@ def run_indices(
     report: WorkerReport | None = None,
     configuration: TrainingConfiguration | None = None,
     retrain: Collection[int] = (),
+    handle_signals: bool = False,
 ) -> WorkerReport:
     """Train every index in turn in this process; a failed index does not stop the others.
 
     Trained rows are stored in groups: a group is committed once its oldest row has waited
-    ``commit_every`` seconds (0: every row at once), and always before returning. A crash
-    loses at most the uncommitted group, whose indices stay incomplete.
+    ``commit_every`` seconds (0: every row at once; a background thread commits it while the
+    next model trains), and always before returning or raising. A crash (SIGKILL) loses at
+    most the uncommitted group, whose indices stay incomplete.
+
+    With ``handle_signals`` (the worker command; only on the main thread), SIGTERM and SIGINT
+    stop the training: the model being trained is interrupted (its outcome ``failed``, its
+    index left incomplete), the finished rows are committed, and :class:`Terminated` is raised
+    (the command exits ``128 + signal``).
 
     ``configuration`` is registered in the store with the first commit and every row is
     written with its id (None: the rows' configuration is unknown). Completed indices are
@@ -428,23 +569,36 @@ def run_indices(
         command=command,
         configuration=configuration,
     )
-    try:
-        for index in indices:
-            outcome, row = _train(
-                store,
-                routine,
-                index,
-                do_if_complete=do_if_complete,
-                job_timeout=job_timeout,
-                hard_kill_grace=hard_kill_grace,
-                retrain=index in retrain,
-            )
-            report.outcomes.append(outcome)
-            if row is not None:
-                logger.info("index %d: trained in %.2f s", index, outcome.seconds)
-                group.add(index, row)
-    finally:
-        group.commit()
+    with _Termination(handle_signals) as termination:
+        try:
+            for index in indices:
+                termination.check()  # received while the previous row was being stored
+                start = time.perf_counter()
+                try:
+                    with termination.interruptible():
+                        outcome, row = _train(
+                            store,
+                            routine,
+                            index,
+                            do_if_complete=do_if_complete,
+                            job_timeout=job_timeout,
+                            hard_kill_grace=hard_kill_grace,
+                            retrain=index in retrain,
+                            store_lock=group.lock,
+                        )
+                except Terminated as exc:
+                    seconds = time.perf_counter() - start
+                    report.outcomes.append(
+                        IndexOutcome(index, "failed", seconds, f"{exc}; not stored")
+                    )
+                    raise
+                report.outcomes.append(outcome)
+                if row is not None:
+                    logger.info("index %d: trained in %.2f s", index, outcome.seconds)
+                    group.add(index, row)
+        finally:
+            group.close()
+        termination.check()  # a signal received while rows were being stored
     return report
 
 
@@ -576,6 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScriptArgumentsError, ConfigurationError, ConfigurationChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code, error = EXIT_USAGE, str(exc)
+    except Terminated as exc:
+        code = 128 + exc.signum
+        error = f"{exc}: the finished rows were stored, the others left incomplete"
+        logger.error("%s (exit %d); %s", error, code, report.summary())
     except SystemExit as exc:  # parser.error once the store is open: a bad index
         if args.report is not None:
             code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
@@ -630,6 +788,7 @@ def _run_worker(
             report=report,
             configuration=config,
             retrain=retrain,
+            handle_signals=True,
         )
     logger.info("worker done: %s", report.summary())
     if report.exit_code and len(indices) > 1:
@@ -678,6 +837,7 @@ __all__ = [
     "ON_CHANGE_CHOICES",
     "UNKNOWN_CONFIGURATION",
     "IndexOutcome",
+    "Terminated",
     "WorkerReport",
     "main",
     "parse_indices",

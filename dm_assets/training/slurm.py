@@ -13,11 +13,13 @@ seed-compatible worker on group ``k``::
 It then polls ``squeue`` until every task has left the queue, reporting progress from the
 store's completion flags, and learns each task's outcome from its worker report, the store and
 what SLURM says of it (``squeue``'s state and reason, ``scontrol show job``'s exit code while
-the controller still knows the job: accounting is not needed). Indices left incomplete (an
-exception in ``main``, a timeout, a task killed, cancelled, out of memory or past its time
-limit) go into a new job array, up to ``retries`` more rounds; a task SLURM will never start
-(pending with reason ``PartitionTimeLimit``, ``InvalidAccount``, ...) is cancelled and its
-indices failed with that reason. Interrupted (``KeyboardInterrupt``,
+the controller still knows the job: accounting is not needed). A job the controller has
+forgotten (``squeue``: ``Invalid job id``) counts as finished only once ``scontrol`` and, where
+accounting is kept, ``sacct`` say so; the other jobs are then asked about one by one. Indices
+left incomplete (an exception in ``main``, a timeout, a task killed, cancelled, out of memory
+or past its time limit) go into a new job array, up to ``retries`` more rounds; a task SLURM
+will never start (pending with reason ``PartitionTimeLimit``, ``InvalidAccount``, ...) is
+cancelled and its indices failed with that reason. Interrupted (``KeyboardInterrupt``,
 Dagster terminating the run, an exception from ``on_progress``, ``cancel_event`` set), it
 ``scancel``\\ s every job it submitted and waits for them to leave the queue before going on.
 
@@ -268,6 +270,29 @@ def parse_scontrol_tasks(text: str) -> list[TaskRecord]:
     return records
 
 
+def parse_scontrol_states(text: str) -> list[str]:
+    """Every record's ``JobState`` in ``scontrol --oneliner show job <id>`` output, the record
+    of an array's tasks not yet started included (``[]`` for a job the controller does not
+    know: ``Invalid job id specified``)."""
+    return [
+        match[1]
+        for line in text.splitlines()
+        if (match := re.search(r"(?:^| )JobState=(\S+)", line)) is not None
+    ]
+
+
+def parse_sacct_states(text: str) -> list[tuple[str, str]]:
+    """``(job id, state)`` for each line of ``sacct --noheader --parsable2 --allocations
+    --format=JobID,State`` output (``"9_1|CANCELLED by 0"`` as ``("9_1", "CANCELLED")``);
+    lines that are not such (an error message) are passed over."""
+    states = []
+    for line in text.splitlines():
+        job_id, sep, state = line.partition("|")
+        if sep and re.fullmatch(r"\d+(_\S+)?", job_id) and state.split():
+            states.append((job_id, state.split()[0]))
+    return states
+
+
 def parse_sbatch_job_id(text: str) -> str:
     """The job id from ``sbatch --parsable`` output (``"123"`` or ``"123;cluster"``); raises
     :class:`SlurmError` when it is not one."""
@@ -492,28 +517,104 @@ def _update_tasks(
     return active, hopeless
 
 
-def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
-    """Update the tasks of the arrays not yet done from ``squeue``; mark an array done once none
-    of its tasks is pending or running."""
-    live = [a for a in arrays if not a.done]
-    if not live:
-        return
+def _squeue(
+    slurm: _Slurm, job_ids: Sequence[str]
+) -> tuple[list[QueueLine], set[str], set[str]] | None:
+    """What ``squeue`` says of ``job_ids``: its lines, the ids the controller no longer knows
+    that are confirmed finished (:func:`_forgotten_job_finished`), and the ids it could not
+    say anything of (to be taken as still active); None when ``squeue`` failed for another
+    reason than an unknown id (asked again at the next poll).
+
+    ``squeue --jobs=A,B`` fails as a whole with ``Invalid job id specified`` when one of them
+    was purged (``MinJobAge`` after it ended), printing nothing of the others: then each job
+    is asked about alone."""
     proc = slurm.run(
         "squeue",
         "--noheader",
         "--states=all",
-        f"--jobs={','.join(a.job_id for a in live)}",
+        f"--jobs={','.join(job_ids)}",
         "--format=%i %T %r",
         check=False,
     )
-    if proc.returncode != 0:
-        if "Invalid job id" not in proc.stderr:  # a job forgotten by the controller is done
-            logger.warning("squeue failed (%s); trying again", proc.stderr.strip())
-            return
-        # Known defect (issue 14): with several ids of which one was purged, this drops the
-        # others' lines too, so a running array can be taken as done.
-        proc.stdout = ""
-    active, hopeless = _update_tasks(live, parse_squeue(proc.stdout))
+    if proc.returncode == 0:
+        return parse_squeue(proc.stdout), set(), set()
+    if "Invalid job id" not in proc.stderr:
+        logger.warning("squeue failed (%s); trying again", proc.stderr.strip())
+        return None
+    if len(job_ids) > 1:
+        lines: list[QueueLine] = []
+        finished: set[str] = set()
+        unsure: set[str] = set()
+        for job_id in job_ids:
+            found = _squeue(slurm, [job_id])
+            if found is None:
+                unsure.add(job_id)
+                continue
+            lines.extend(found[0])
+            finished |= found[1]
+            unsure |= found[2]
+        return lines, finished, unsure
+    job_id = job_ids[0]
+    if _forgotten_job_finished(slurm, job_id):
+        return [], {job_id}, set()
+    return [], set(), {job_id}
+
+
+def _forgotten_job_finished(slurm: _Slurm, job_id: str) -> bool:
+    """Whether job ``job_id``, which ``squeue`` calls an invalid id, has finished: every
+    state ``scontrol show job`` records for it is final; or the controller does not know it
+    and accounting (``sacct``) records only final states for it, or nothing (absent from
+    both, or no accounting: the controller knows every job that is pending or running)."""
+    proc = slurm.run("scontrol", "--oneliner", "show", "job", job_id, check=False)
+    states = parse_scontrol_states(proc.stdout) if proc.returncode == 0 else []
+    if states:
+        return all(state in _FINAL_STATES for state in states)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr + proc.stdout:
+        logger.warning(
+            "squeue does not know job %s and scontrol failed (%s); asking again",
+            job_id,
+            (proc.stderr or proc.stdout).strip(),
+        )
+        return False
+    acct = slurm.run(
+        "sacct",
+        "--noheader",
+        "--parsable2",
+        "--allocations",
+        f"--jobs={job_id}",
+        "--format=JobID,State",
+        check=False,
+    )
+    recorded = [
+        state
+        for jid, state in (parse_sacct_states(acct.stdout) if acct.returncode == 0 else [])
+        if jid.split("_")[0] == job_id
+    ]
+    if recorded and not all(state in _FINAL_STATES for state in recorded):
+        logger.warning(
+            "SLURM job %s: the controller does not know it but accounting records it %s; "
+            "taken as still active",
+            job_id,
+            ", ".join(sorted(set(recorded))),
+        )
+        return False
+    logger.info("SLURM job %s left the controller's memory; finished", job_id)
+    return True
+
+
+def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
+    """Update the tasks of the arrays not yet done from ``squeue``; mark an array done once none
+    of its tasks is pending or running (a job the controller forgot: once
+    :func:`_forgotten_job_finished` says so)."""
+    live = [a for a in arrays if not a.done]
+    if not live:
+        return
+    found = _squeue(slurm, [a.job_id for a in live])
+    if found is None:
+        return
+    lines, finished, unsure = found
+    active, hopeless = _update_tasks(live, lines)
+    active |= unsure
     if hopeless:
         logger.error(
             "SLURM task(s) %s pending for a reason no wait resolves; cancelling them",
@@ -522,7 +623,11 @@ def _poll_queue(slurm: _Slurm, arrays: Sequence[_Array]) -> None:
         slurm.run("scancel", *hopeless, check=False)
     for array in live:
         # a job squeue never listed may not have reached it yet; after a minute it is gone
-        known = array.seen or time.monotonic() - array.submitted > COMMAND_TIMEOUT_SECONDS
+        known = (
+            array.seen
+            or array.job_id in finished
+            or time.monotonic() - array.submitted > COMMAND_TIMEOUT_SECONDS
+        )
         array.done = known and array.job_id not in active
 
 
@@ -697,7 +802,9 @@ __all__ = [
     "TaskRecord",
     "describe_exit_code",
     "never_starts",
+    "parse_sacct_states",
     "parse_sbatch_job_id",
+    "parse_scontrol_states",
     "parse_scontrol_tasks",
     "parse_squeue",
     "parse_task_ids",

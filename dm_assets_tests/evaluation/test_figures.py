@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
-from dm_assets.evaluation.curve import CurvePoint
+from dm_assets.evaluation.curve import CurvePoint, LdsCurve
 from dm_assets.evaluation.figures import (
     embeddings_figure,
-    lds_curve_figure,
     path_figure,
     plot_lds_curve,
     plot_path,
@@ -43,14 +41,13 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     predicted, actual = correlated(15, n=80, t=10)
     result = evaluate(predicted, actual)
     points = [
-        CurvePoint(n, n + 100, lds, lds + 0.02, lds - 0.1, 0.5, result)
+        CurvePoint(n, lds, (lds - 0.03, lds + 0.02), lds + 0.02, lds - 0.1, 0.5, 0.0, 0.1, result)
         for n, lds in [(50, 0.2), (200, 0.45), (1000, 0.6)]
     ]
-    no_refit = [CurvePoint(n, n, 0.5, 0.5, 0.2, 0.1, result) for n in (100, 200)]
-    assert_png(plot_lds_curve(points, tmp_path / "a" / "curve.png", title="t", ceiling=0.7))
-    assert_png(plot_lds_curve(points[1:2], tmp_path / "one.png"))
-    assert_png(plot_lds_curve(no_refit, tmp_path / "linear.png"))
-    assert_png(plot_lds_curve([], tmp_path / "empty.png", ceiling=0.7))
+    curve = LdsCurve(points, [], None, folds=5, resamples=100, seed=0, level=0.95)
+    assert_png(plot_lds_curve(curve, tmp_path / "a" / "curve.png", title="t", ceiling=0.7))
+    assert_png(plot_lds_curve(curve.to_dict(), tmp_path / "dict.png", ceiling_ci=(0.6, 0.8)))
+    assert_png(plot_lds_curve(None, tmp_path / "empty.png", ceiling=0.7))
     assert_png(plot_predicted_vs_actual(predicted, actual, tmp_path / "pva.png"))
     assert_png(plot_predicted_vs_actual(predicted, actual, tmp_path / "two.png", targets=[3, 1]))
     with pytest.raises(ValueError, match=r"targets \[10\] are not columns"):
@@ -59,33 +56,6 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         plot_predicted_vs_actual(
             predicted, actual, tmp_path / "x.png", targets=[0, 1, 2], max_panels=2
         )
-
-
-def test_lds_curve_from_the_evaluation_file(tmp_path: Path) -> None:
-    report = {
-        "lds": 0.62,
-        "noise_ceiling": 0.8,
-        "curve": [
-            {"n_train": 50, "n_models_used": 150, "lds": 0.3, "pearson": 0.35, "r2": 0.1},
-            {"n_train": 400, "n_models_used": 500, "lds": 0.6, "pearson": 0.62, "r2": 0.3},
-        ],
-    }
-    fig = lds_curve_figure(report["curve"], ceiling=report["noise_ceiling"], full_lds=report["lds"])
-    assert isinstance(fig, Figure)
-    (ax,) = fig.axes
-    assert [line.get_label() for line in ax.get_lines()] == [
-        "LDS (Spearman)",
-        "Pearson",
-        "LDS of the full fit",
-        "noise ceiling (LDS) 0.800",
-    ]
-    np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), [150, 500])
-    # an evaluation.json written before n_models_used existed: the training rows
-    old = [{k: v for k, v in p.items() if k != "n_models_used"} for p in report["curve"]]
-    np.testing.assert_array_equal(
-        lds_curve_figure(old).axes[0].get_lines()[0].get_xdata(), [50, 400]
-    )
-    assert_png(save_png(fig, tmp_path / "curve.png"))
 
 
 def test_path_plot_names_a_missing_column(tmp_path: Path) -> None:

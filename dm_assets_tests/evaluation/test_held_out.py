@@ -137,7 +137,8 @@ def test_evaluate_fit_writes_the_files_and_scores_the_unseen_models(tmp_path: Pa
     expected = evaluate(predict(fit.weights(), x[held]), actual)
     assert judged.evaluation.lds == pytest.approx(expected.lds, abs=1e-12)
     assert judged.evaluation.lds > 0.8  # planted weights, 120 held-out models
-    assert [p.n_train for p in judged.curve] == [50, 200]
+    assert judged.curve is not None
+    assert [p.n_models for p in judged.curve.points] == [50, 200]
     for name in EVALUATION_FILES:
         assert fit.file(name).stat().st_size > 0
     for name in ("lds_curve.png", "predicted_vs_actual.png"):
@@ -149,12 +150,20 @@ def test_evaluate_fit_writes_the_files_and_scores_the_unseen_models(tmp_path: Pa
     assert report["excluded_same_mask"] == []
     assert report["rows_digest"] == fit.manifest().rows["digest"]
     assert report["lds"] == judged.evaluation.lds and report["noise_ceiling"] is None
-    assert [p["n_models_used"] for p in report["curve"]] == [110, 260]  # refit on + 60
+    # each point counts every model it used (K-fold lambda choice inside N, refit on N)
+    assert [p["n_models"] for p in report["curve"]["points"]] == [50, 200]
+    assert report["curve"]["folds"] == 5 and len(report["curve"]["slopes"]) == 1
+    low, high = report["ci"]
+    assert report["lds_ci"] == report["ci"] if "lds_ci" in report else True
+    assert low < high and abs(report["lds"] - (low + high) / 2) < high - low
+    assert report["bootstrap"]["resamples"] == 1000 and report["mean_of_seeds"] is None
     per_target = pd.read_csv(fit.file("evaluation_per_target.csv"))
     assert list(per_target.columns) == ["target", "lds", "pearson", "r2"]
     np.testing.assert_allclose(per_target["lds"], judged.evaluation.lds_per_target)
     assert judged.metrics() == {
         "lds": judged.evaluation.lds,
+        "lds_ci_low": low,
+        "lds_ci_high": high,
         "pearson": judged.evaluation.pearson,
         "r2": judged.evaluation.r2,
     }
@@ -167,7 +176,7 @@ def test_evaluate_fit_writes_the_files_and_scores_the_unseen_models(tmp_path: Pa
 def test_evaluate_fit_without_a_curve_and_without_held_out_models(tmp_path: Path) -> None:
     fit, rows, config, _ = small_experiment(tmp_path)
     judged = evaluate_fit(fit, rows, config=config, experiment="small")
-    assert judged.curve == [] and judged.report["curve"] == []
+    assert judged.curve is None and judged.report["curve"] is None
     assert fit.file("lds_curve.png").read_bytes().startswith(PNG_SIGNATURE)  # says "no curve"
     # a fit that used every completed model but two leaves nothing to judge
     greedy_dir = tmp_path / "greedy"
@@ -227,7 +236,8 @@ def test_editing_the_split_after_the_fit_changes_nothing(tmp_path: Path) -> None
     )
     np.testing.assert_array_equal(again.held_out, judged.held_out)
     assert again.evaluation.lds == judged.evaluation.lds
-    assert again.curve[0].n_models_used == 50 + 60  # the fit's own validation models
+    assert again.curve is not None  # the curve's N counts the fit's own models, 0 .. 259
+    assert again.curve.points[0].n_models == 50 and again.curve.points[0].fit.n == 50
 
 
 def test_a_row_retrained_under_another_configuration_is_refused(tmp_path: Path) -> None:

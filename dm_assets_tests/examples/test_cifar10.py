@@ -42,6 +42,7 @@ from dm_assets.examples.cifar10.train import (
     class_margins,
     lr_multipliers,
     make_mask,
+    mask_index,
     pick_device,
     train_model,
 )
@@ -322,6 +323,14 @@ def test_mask_has_exactly_alpha_n_rows_and_depends_on_index_and_seed() -> None:
         make_mask(0, 10, 0)
 
 
+def test_replicate_groups_share_the_mask_of_their_first_index() -> None:
+    kw = {"repeat_start": 10, "repeats": 4}
+    assert [mask_index(i, **kw) for i in range(8, 19)] == [8, 9] + [10] * 4 + [14] * 4 + [18]
+    assert [mask_index(i) for i in range(5)] == list(range(5))  # no replicates by default
+    with pytest.raises(ValueError, match=r"mask\.repeats=0"):
+        mask_index(3, repeat_start=0, repeats=0)
+
+
 def test_lr_schedule_is_the_seeds_triangle() -> None:
     s = lr_multipliers(24, 5, 48)
     assert s.shape == (24 * 48 + 1,)
@@ -390,6 +399,28 @@ def test_main_trains_a_tiny_model_on_cpu(
     other = train_cifar.main(4, str(tmp_path))
     assert not np.array_equal(other["masks"], masks)
     assert not any(tmp_path.iterdir())  # logdir is not written to
+
+
+def test_replicates_share_the_mask_and_train_with_their_own_seeds(
+    betons: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DM_DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", _argv(betons, "--mask.repeat_start=2", "--mask.repeats=2"))
+    first, second = train_cifar.main(2, str(tmp_path)), train_cifar.main(3, str(tmp_path))
+    assert np.array_equal(first["masks"], make_mask(2, N_TRAIN, 0.5))
+    assert np.array_equal(second["masks"], first["masks"])
+    assert not np.array_equal(second["margins"], first["margins"])  # own weights, order, ...
+    # before repeat_start every model keeps its own mask
+    assert np.array_equal(train_cifar.main(1, str(tmp_path))["masks"], make_mask(1, N_TRAIN, 0.5))
+    with pytest.raises(ValueError, match=r"mask.repeat_start=-2.*\n.*mask.repeats=0"):
+        train_model(
+            0,
+            train_path=betons["train"],
+            val_path=betons["val"],
+            settings=replace(TrainingSettings(), epochs=1, lr_peak_epoch=0.5, batch_size=16),
+            repeat_start=-2,
+            repeats=0,
+        )
 
 
 def test_main_reports_bad_arguments_and_missing_data(
@@ -507,6 +538,13 @@ def test_shipped_spec_and_experiment() -> None:
     # its arguments are the script's own
     values = train_cifar.read_arguments(experiment.trainer.script_args())
     assert values["training.epochs"] == 24 and values["mask.alpha"] == 0.5
+    # every held-out model is in a replicate group of evaluation.replicates, groups whole
+    data = experiment.regression.data
+    held_out_start = data["num_train"] + data["num_val"]
+    assert values["mask.repeat_start"] == held_out_start
+    assert experiment.evaluation is not None
+    assert experiment.evaluation.replicates == values["mask.repeats"] == 4
+    assert (spec.num_models - held_out_start) % values["mask.repeats"] == 0
 
 
 @pytest.mark.cuda

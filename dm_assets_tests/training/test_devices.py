@@ -236,3 +236,39 @@ def test_detect_devices_finds_the_real_gpus() -> None:
         ).stdout.split(maxsplit=1)
         assert out[0] == "1"
         assert out[1].strip() == torch.cuda.get_device_name(found.index(device))
+
+
+# ---------------------------------------------------------------- torch device of a slot
+@pytest.mark.parametrize(
+    ("visible", "ordinal", "expected"),
+    [("2,3", 3, "cuda:1"), ("2,3", 2, "cuda:0"), ("1,0", 0, "cuda:1"), ("1,0", 1, "cuda:0")],
+)
+def test_torch_device_is_the_position_among_visible_gpus(
+    monkeypatch: pytest.MonkeyPatch, visible: str, ordinal: int, expected: str
+) -> None:
+    """A GPU's machine-wide ordinal is not torch's index when CUDA_VISIBLE_DEVICES is set."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(devices, "_cuda_device_count", lambda: 2)
+    assert devices.torch_device(Device.cuda(ordinal)) == expected
+
+
+def test_torch_device_without_cuda_visible_devices_and_of_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices, "_cuda_device_count", lambda: 4)
+    assert devices.torch_device(Device.cuda(3)) == "cuda:3"
+    assert devices.torch_device(Device.cpu(3)) == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    monkeypatch.setattr(devices, "_cuda_device_count", lambda: 2)
+    assert devices.torch_device(Device.cuda(1, visible_id="GPU-bbbb")) == "cuda:1"
+
+
+def test_torch_device_of_a_gpu_this_process_cannot_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr(devices, "_cuda_device_count", lambda: 2)
+    with pytest.raises(devices.DeviceNotVisibleError) as info:
+        devices.torch_device(Device.cuda(0))
+    message = str(info.value)
+    assert "cuda:0" in message and "CUDA_VISIBLE_DEVICES='2,3'" in message
+    assert "cuda:2, cuda:3" in message

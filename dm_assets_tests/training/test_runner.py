@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ import pytest
 from dm_assets.store.spec import Spec
 from dm_assets.store.store import Store
 from dm_assets.training.runner import parse_indices
-from dm_assets_tests.helpers import run_module
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, run_module
 from dm_assets_tests.scripts import outputs
 
 SCRIPT = "dm_assets_tests.scripts.outputs"
@@ -479,3 +484,87 @@ def test_bad_on_change_is_a_usage_error(store_dir: Path) -> None:
         store_dir, "--worker.index=1", f"--worker.main_import={SCRIPT}", "--worker.on_change=x"
     )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+# ---------------------------------------------------------------- group commit and signals
+def start_worker(store_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """The worker as a background process (output to pipes, read once it has ended)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dm_assets.worker", f"--worker.logdir={store_dir}", *args],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def completed(store_dir: Path, index: int) -> bool:
+    with Store.open(store_dir) as store:
+        return store.is_completed(index)
+
+
+def sleeping_second_model(store_dir: Path, commit_every: str, *extra: str) -> subprocess.Popen[str]:
+    """A worker on indices 0-1 whose model 0 trains at once and model 1 sleeps a minute;
+    returned once model 1 has started (its worker folder exists and model 0 returned)."""
+    proc = start_worker(
+        store_dir,
+        "--worker.indices=0-1",
+        f"--worker.main_import={SCRIPT}",
+        f"--worker.commit_every={commit_every}",
+        "--script.mode=sleep",
+        "--script.bad=1",
+        *extra,
+    )
+    started = wait_for(lambda: (store_dir / "workers" / "1").is_dir(), 60)
+    if not started:
+        proc.kill()
+        raise AssertionError(f"model 1 never started: {proc.communicate()[1]}")
+    time.sleep(0.3)  # inside model 1's sleep
+    return proc
+
+
+def test_finished_row_committed_within_commit_every(store_dir: Path) -> None:
+    """A finished row waits at most commit_every seconds, not for the next model."""
+    proc = sleeping_second_model(store_dir, "0.5")
+    try:
+        assert proc.poll() is None  # model 1 is still training
+        assert wait_for(lambda: completed(store_dir, 0), 10), "row 0 not committed on time"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not completed(store_dir, 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_commits_finished_rows_then_exits_non_zero(
+    store_dir: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """scancel, a SLURM time limit, the local launcher's stop or Ctrl-C while a model trains:
+    the rows already finished are stored (here a group that would wait ten minutes), the
+    interrupted model stays incomplete, the exit status is 128 + the signal's number."""
+    report = tmp_path / "report.json"
+    proc = sleeping_second_model(store_dir, "600", f"--worker.report={report}")
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    assert_row(store_dir, 0)
+    assert not completed(store_dir, 1)
+    assert f"interrupted by {signum.name}" in stderr
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 128 + signum
+    assert [(o["index"], o["status"]) for o in data["outcomes"]] == [(0, "trained"), (1, "failed")]
+    assert signum.name in data["outcomes"][1]["message"]

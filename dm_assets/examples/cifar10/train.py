@@ -3,7 +3,8 @@ of the CIFAR-10 example, with every setting an argument (``train_cifar.py`` read
 command line).
 
 Model ``index`` trains on the training rows its mask selects (:func:`make_mask`: exactly
-``round(alpha * n_train)`` rows, drawn from ``(mask_seed, index)``, so a rerun of the index
+``round(alpha * n_train)`` rows, drawn from ``(mask_seed, i)`` with ``i`` the model's mask index,
+:func:`mask_index`: ``index`` itself except for replicates, below; so a rerun of the index
 trains on the same rows), for ``epochs`` passes, each in its own shuffled order, with:
 
 - SGD (momentum, Nesterov by default, weight decay on every parameter) and the seed's
@@ -17,6 +18,16 @@ trains on the same rows), for ``epochs`` passes, each in its own shuffled order,
 
 It then reports, on every test row in order, the correct-class margin (:func:`class_margins`)
 of the logits averaged over the image and its mirror (``tta``).
+
+The initial weights, the batch orders and the augmentations each come from their own seed,
+derived from ``(settings.seed, index, stream)``: every model, replicates included, has its own.
+
+**Replicates** (held-out masks trained several times, for the noise ceiling and the
+mean-of-seeds ground truth): with ``repeat_start >= 0``, models ``index >= repeat_start`` come
+in consecutive groups of ``repeats`` (``[repeat_start, repeat_start + repeats)``, the next
+``repeats``, ...) that share the mask of the group's first index; everything else (weights,
+orders, augmentations) still follows the model's own ``index``, so the replicates of a mask
+differ only by training noise.
 """
 
 from __future__ import annotations
@@ -95,6 +106,17 @@ class TrainingSettings:
         if self.margin not in ("logsumexp", "max"):
             out.append(f"training.margin={self.margin!r}: choose logsumexp or max")
         return out
+
+
+def mask_index(index: int, *, repeat_start: int = -1, repeats: int = 2) -> int:
+    """The index whose mask model ``index`` uses: ``index`` itself, or, for a replicate
+    (``repeat_start >= 0`` and ``index >= repeat_start``), the first index of its group of
+    ``repeats``."""
+    if repeats < 1:
+        raise ValueError(f"mask.repeats={repeats}: a replicate group has at least 1 model")
+    if repeat_start < 0 or index < repeat_start:
+        return index
+    return repeat_start + (index - repeat_start) // repeats * repeats
 
 
 def make_mask(index: int, n_train: int, alpha: float, seed: int = 0) -> np.ndarray:
@@ -188,15 +210,26 @@ def train_model(
     settings: TrainingSettings = TrainingSettings(),
     alpha: float = 0.5,
     mask_seed: int = 0,
+    repeat_start: int = -1,
+    repeats: int = 2,
     num_workers: int = 4,
     device: torch.device | None = None,
 ) -> ModelResult:
     """Train model ``index`` on its mask's rows of ``train_path`` and measure its margins on
     every row of ``val_path`` (both written by :mod:`convert`; their sizes set the mask's and
-    the margins' lengths). Raises ``ValueError`` naming every bad setting."""
+    the margins' lengths). ``repeat_start`` and ``repeats``: replicate groups sharing a mask
+    (module docstring; ``repeat_start = -1``: none). Raises ``ValueError`` naming every bad
+    setting."""
     problems = settings.problems()
     if not 0 < alpha <= 1:
         problems.append(f"mask.alpha={alpha!r} must be in (0, 1]")
+    if repeat_start < -1:
+        problems.append(
+            f"mask.repeat_start={repeat_start}: use -1 (no replicates) or the first replicated "
+            "model index"
+        )
+    if repeats < 1:
+        problems.append(f"mask.repeats={repeats}: a replicate group has at least 1 model")
     if problems:
         raise ValueError("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
     device = pick_device() if device is None else device
@@ -205,7 +238,8 @@ def train_model(
         device = torch.device("cuda", torch.cuda.current_device())
     train = image_beton(train_path, batch_size=settings.batch_size, num_workers=num_workers)
     val = image_beton(val_path, batch_size=settings.batch_size, num_workers=num_workers)
-    mask = make_mask(index, train.n_rows, alpha, mask_seed)
+    first = mask_index(index, repeat_start=repeat_start, repeats=repeats)
+    mask = make_mask(first, train.n_rows, alpha, mask_seed)
     rows = np.flatnonzero(mask)
     steps_per_epoch = len(rows) // settings.batch_size
     if steps_per_epoch == 0:
@@ -323,6 +357,7 @@ __all__ = [
     "evaluate",
     "lr_multipliers",
     "make_mask",
+    "mask_index",
     "pick_device",
     "train_model",
 ]

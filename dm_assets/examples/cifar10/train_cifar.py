@@ -28,6 +28,10 @@ Arguments (fastargs sections; ``--section.key=value``), defaults the seed's:
   seed's script computes it), ``training.seed`` (0).
 - ``mask.alpha`` (0.5): the fraction of training rows each model trains on; ``mask.seed``
   (0): with the model index, picks those rows.
+- ``mask.repeat_start`` (-1: none), ``mask.repeats`` (2): held-out replicates. Models
+  ``index >= repeat_start`` come in consecutive groups of ``repeats`` that share the mask of the
+  group's first index; weights, batch order and augmentations still follow each model's own
+  index (:func:`~dm_assets.examples.cifar10.train.mask_index`).
 
 The device is ``$DM_DEVICE`` when set (the launcher sets it), else CUDA when available.
 """
@@ -107,6 +111,10 @@ Section("training", "Hyperparameters").params(
 Section("mask", "Which training rows each model trains on").params(
     alpha=Param(float, "fraction of the training rows each model trains on", default=0.5),
     seed=Param(int, "with the model index, picks the rows", default=0),
+    repeat_start=Param(
+        int, "first model index of the replicate groups sharing a mask; -1: none", default=-1
+    ),
+    repeats=Param(int, "models per replicate group (same mask, own seeds)", default=2),
 )
 
 
@@ -188,6 +196,8 @@ def main(index: int, logdir: str) -> dict[str, np.ndarray]:
         settings=settings_from(values),
         alpha=values["mask.alpha"],
         mask_seed=values["mask.seed"],
+        repeat_start=values["mask.repeat_start"],
+        repeats=values["mask.repeats"],
         num_workers=values["data.num_workers"],
     )
     return {"masks": result.mask, "margins": result.margins.astype(np.float16)}

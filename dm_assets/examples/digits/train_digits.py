@@ -21,13 +21,26 @@ Model ``index`` is trained as follows.
    ``init_seed`` when it is ``>= 0`` (every model starts from the same weights) or, for
    ``init_seed = -1``, with a seed derived from ``(seed, index)`` (:func:`init_seed_for`: every
    model, replicates included, starts from its own weights).
-3. **Training.** ``steps`` full-batch Adam steps (learning rate ``lr``, PyTorch's default betas)
-   on the objective ``mean cross-entropy over the mask's images + (weight_decay / 2) * sum of
-   the squared weight-matrix entries`` (biases unpenalized). ``linear`` is multinomial logistic
+3. **Training.** Adam (learning rate ``lr``, PyTorch's default betas) on the objective
+   ``mean cross-entropy over a batch of the mask's images + (weight_decay / 2) * sum of the
+   squared weight-matrix entries`` (biases unpenalized). ``linear`` is multinomial logistic
    regression (``logits = x W + b``, 64 -> 10); ``mlp`` has one hidden ReLU layer of ``hidden``
-   units (64 -> hidden -> 10). There are no minibatches, no dropout and no augmentation, so the
-   only randomness is the mask and the initialization, and with one thread the result is a
-   deterministic function of them.
+   units (64 -> hidden -> 10). There is no dropout and no augmentation.
+
+   - ``batch_size = 0`` (the default): ``steps`` full-batch steps, the batch being all ``m``
+     images of the mask (``epochs`` is unused). The only randomness is then the mask and the
+     initialization.
+   - ``batch_size > 0``: ``epochs`` passes over the mask's ``m`` images (``steps`` is unused),
+     each pass in its own random order cut into ``ceil(m / batch_size)`` minibatches of
+     ``batch_size`` images (the last one smaller when ``batch_size`` does not divide ``m``): one
+     Adam step per minibatch (PyTorch's fused implementation: the same update, a third faster
+     on these tiny steps), ``epochs * ceil(m / batch_size)`` steps in all. The orders are
+     ``torch.randperm(m)`` draws, one per epoch, from a ``torch.Generator`` seeded with the
+     model's *order seed*, derived from ``(seed, index)`` (:func:`order_seed_for`), so every
+     model, replicates included, sees its own sequence of minibatches.
+
+   With one thread the result is a deterministic function of the mask, the initialization seed
+   and (with minibatches) the order seed: a rerun of an index reproduces its margins bit for bit.
 4. **Output.** On each target image, ``margin = z_y - logsumexp_{k != y} z_k`` for its logits
    ``z`` and its label ``y`` (Ilyas et al. 2022): positive exactly when the image is classified
    correctly.
@@ -35,10 +48,18 @@ Model ``index`` is trained as follows.
 **Replicates** (for a noise ceiling): with ``repeat_start >= 0``, models ``index >=
 repeat_start`` come in consecutive groups of ``repeats`` (``[repeat_start, repeat_start +
 repeats)``, the next ``repeats``, ...) that share one mask, the mask of the group's first index.
-Nothing else changes: the initialization follows ``init_seed`` as for any model. So with
-``init_seed = -1`` the replicates of a group differ in their initialization (each from its own
-index) and nothing else; with a fixed ``init_seed`` they are the same training run and return
-identical margins (a noise ceiling of exactly 1: this training has no other randomness).
+Nothing else changes: the initialization and the minibatch order follow the model's own index as
+for any model. So with ``init_seed = -1`` and ``batch_size > 0`` (``digits_mlp.yaml``) the
+replicates of a group differ in their initialization and their minibatch order; with
+``init_seed = -1`` and full batches, in their initialization only; with a fixed ``init_seed``
+and minibatches, in their order only; with a fixed ``init_seed`` and full batches
+(``digits.yaml``) they are the same training run and return identical margins (a noise ceiling
+of exactly 1 by construction: that training has no other randomness).
+
+**Any subset** (attribution baselines, e.g. a model of the full training set):
+:func:`train_classifier` trains one model on any mask with explicit seeds, e.g.
+``train_classifier(np.ones(1000, bool), settings, init_seed=init_seed_for(i, settings),
+order_seed=order_seed_for(i, settings))``, and :func:`target_margins` measures it.
 """
 
 from __future__ import annotations
@@ -65,7 +86,9 @@ NUM_MODELS = 5000
 """Models in the shipped experiment (``dm_assets/experiments/digits.yaml``)."""
 
 MODELS = ("linear", "mlp")
-_INIT_STREAM = 1  # the init seed's stream, kept apart from the mask's ([seed, index])
+# the random streams of a model, kept apart from the mask's ([seed, index]) and each other's
+_INIT_STREAM = 1
+_ORDER_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,8 @@ class DigitsSettings:
     lr: float = 0.1
     weight_decay: float = 1e-3
     init_seed: int = 0
+    batch_size: int = 0
+    epochs: int = 10
     repeat_start: int = -1
     repeats: int = 2
 
@@ -97,6 +122,13 @@ class DigitsSettings:
             problems.append(f"hidden={self.hidden}: the MLP needs at least one hidden unit")
         if self.steps < 1:
             problems.append(f"steps={self.steps}: train for at least one step")
+        if self.batch_size < 0:
+            problems.append(
+                f"batch_size={self.batch_size}: use 0 (full batch, `steps` steps) or the "
+                "minibatch size (`epochs` passes), e.g. 32"
+            )
+        if self.epochs < 1:
+            problems.append(f"epochs={self.epochs}: train for at least one pass over the data")
         if not self.lr > 0:
             problems.append(f"lr={self.lr}: the learning rate must be positive")
         if self.weight_decay < 0:
@@ -128,7 +160,11 @@ Section("digits", "the digits experiment's models (dm_assets.examples.digits)").
         OneOf(list(MODELS)), "linear (logistic regression) or mlp", default=_DEFAULTS.model
     ),
     hidden=Param(int, "hidden units of the mlp", default=_DEFAULTS.hidden),
-    steps=Param(int, "full-batch Adam steps", default=_DEFAULTS.steps),
+    steps=Param(int, "full-batch Adam steps (batch_size 0)", default=_DEFAULTS.steps),
+    batch_size=Param(
+        int, "minibatch size; 0: full batch for `steps` steps", default=_DEFAULTS.batch_size
+    ),
+    epochs=Param(int, "passes over the mask's images (batch_size > 0)", default=_DEFAULTS.epochs),
     lr=Param(float, "Adam learning rate", default=_DEFAULTS.lr),
     weight_decay=Param(float, "L2 penalty on the weight matrices", default=_DEFAULTS.weight_decay),
     init_seed=Param(
@@ -192,6 +228,12 @@ def init_seed_for(index: int, settings: DigitsSettings) -> int:
     return int(np.random.default_rng([settings.seed, index, _INIT_STREAM]).integers(2**62))
 
 
+def order_seed_for(index: int, settings: DigitsSettings) -> int:
+    """The seed of model ``index``'s minibatch orders (used when ``settings.batch_size > 0``):
+    derived from ``(settings.seed, index)``, so every model, replicates included, has its own."""
+    return int(np.random.default_rng([settings.seed, index, _ORDER_STREAM]).integers(2**62))
+
+
 @dataclass
 class Classifier:
     """A trained model: ``layers`` is ``[(W, b), ...]``, ``W`` float32 ``(fan_in, fan_out)``,
@@ -225,9 +267,16 @@ def _initial_layers(
     return layers
 
 
-def train_classifier(mask: np.ndarray, settings: DigitsSettings, *, init_seed: int) -> Classifier:
-    """Train on the training images where ``mask`` (bool ``(1000,)``) is true, as the module
-    docstring describes, from the initialization of ``init_seed``."""
+def train_classifier(
+    mask: np.ndarray, settings: DigitsSettings, *, init_seed: int, order_seed: int = 0
+) -> Classifier:
+    """Train one model on the training images where ``mask`` (bool ``(1000,)``, any subset with
+    at least one image, e.g. all of them) is true, as the module docstring describes: from the
+    initialization of ``init_seed`` (a seed >= 0 for a ``torch.Generator``) and, with
+    minibatches (``settings.batch_size > 0``), in the orders of ``order_seed`` (likewise;
+    unused with full batches). The same arguments give the same classifier bit for bit (one
+    thread). ``settings.init_seed``, ``seed``, ``alpha``, ``repeat_start`` and ``repeats`` are
+    not read here: they only choose a store model's mask and seeds (:func:`train_model`)."""
     split = load_split()
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (NUM_TRAIN,) or not mask.any():
@@ -239,15 +288,27 @@ def train_classifier(mask: np.ndarray, settings: DigitsSettings, *, init_seed: i
     y = torch.from_numpy(split.train_labels[mask])
     layers = _initial_layers(settings, init_seed)
     params = [p for layer in layers for p in layer]
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    # minibatch steps are many and tiny: PyTorch's fused CPU Adam (the same update, rounded in
+    # its own order) takes a third less time per step; full batches keep the original loop
+    optimizer = torch.optim.Adam(params, lr=settings.lr, fused=settings.batch_size > 0 or None)
     model = Classifier(layers)
-    for _ in range(settings.steps):
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model.logits(x), y)
+        loss = torch.nn.functional.cross_entropy(model.logits(images), labels)
         if settings.weight_decay:
             loss = loss + 0.5 * settings.weight_decay * sum((w * w).sum() for w, _ in layers)
         loss.backward()
         optimizer.step()
+
+    if settings.batch_size == 0:
+        for _ in range(settings.steps):
+            step(x, y)
+    else:
+        generator = torch.Generator().manual_seed(order_seed)
+        for _ in range(settings.epochs):
+            for batch in torch.randperm(len(y), generator=generator).split(settings.batch_size):
+                step(x[batch], y[batch])
     return Classifier([(w.detach(), b.detach()) for w, b in layers])
 
 
@@ -278,7 +339,12 @@ def train_model(index: int, settings: DigitsSettings) -> dict[str, np.ndarray]:
         repeat_start=settings.repeat_start,
         repeats=settings.repeats,
     )
-    classifier = train_classifier(mask, settings, init_seed=init_seed_for(index, settings))
+    classifier = train_classifier(
+        mask,
+        settings,
+        init_seed=init_seed_for(index, settings),
+        order_seed=order_seed_for(index, settings),
+    )
     return {"masks": mask, "margins": target_margins(classifier)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from dm_assets.pipeline.assets.attributions import attribution_assets
 from dm_assets.pipeline.assets.datamodel_eval import evaluation_assets
 from dm_assets.pipeline.assets.datamodels import regression_assets
 from dm_assets.pipeline.assets.model_outputs import training_assets
@@ -20,7 +21,8 @@ def experiment_assets(
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     """The experiment's assets and checks, keys prefixed with its name: ``store``,
     ``model_outputs`` and, when it has a regression section, ``regression_dataset`` and
-    ``datamodels`` (and ``datamodel_eval`` with an evaluation section)."""
+    ``datamodels`` (and ``datamodel_eval`` with an evaluation section, ``attributions`` with
+    an attributions section)."""
     assets = training_assets(experiment)
     if experiment.regression is not None:
         assets.extend(regression_assets(experiment, experiment.regression))
@@ -28,4 +30,13 @@ def experiment_assets(
             assets.extend(
                 evaluation_assets(experiment, experiment.regression, experiment.evaluation)
             )
+            if experiment.attributions is not None:
+                assets.extend(
+                    attribution_assets(
+                        experiment,
+                        experiment.regression,
+                        experiment.evaluation,
+                        experiment.attributions,
+                    )
+                )
     return assets

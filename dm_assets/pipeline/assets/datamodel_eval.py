@@ -9,6 +9,7 @@ import time
 import dagster as dg
 import numpy as np
 
+from dm_assets.evaluation.report import curve_markdown, score_lines, scores_markdown
 from dm_assets.pipeline.assets.versions import (
     derived_data_version,
     recorded_data_version,
@@ -28,7 +29,14 @@ def evaluation_assets(
     floor = evaluation.min_lds
     floor_text = "none" if floor is None else f"{floor:g}"
     # the floor is a check's, not the evaluation's: changing it does not make the scores stale
-    version = settings_version("evaluation", regression, evaluation.curve_sizes)
+    version = settings_version(
+        "evaluation",
+        regression,
+        evaluation.curve_sizes,
+        evaluation.folds,
+        evaluation.replicates,
+        evaluation.bootstrap,
+    )
 
     @dg.asset(
         key=eval_key,
@@ -36,9 +44,12 @@ def evaluation_assets(
         deps=[datamodels_key],
         description=f"The latest datamodels of {name!r} on held-out models (completed models "
         "the fit never saw): LDS (per target, Spearman correlation across held-out models "
-        "between prediction and actual output, averaged over targets), Pearson, R^2, the noise "
-        "ceiling where held-out models repeat a mask, and LDS against the number of models "
-        "used in the fit. Files beside the fit; metrics in the fit's MLflow run.",
+        "between prediction and actual output, averaged over targets) with its 95% bootstrap "
+        "interval over held-out masks, Pearson, R^2; where held-out masks are trained with "
+        "several seeds, the noise ceiling and LDS/ceiling (with intervals), and the LDS against "
+        "the mean of the seeds' outputs; and LDS against the total number N of trained models "
+        "(lambda chosen by K-fold inside N). Files beside the fit; metrics in the fit's MLflow "
+        "run.",
         kinds={"pytorch", "mlflow"},
         code_version=version,
         check_specs=[
@@ -70,44 +81,53 @@ def evaluation_assets(
         )
         try:
             judged = evaluate_fit(
-                fit, rows, config=config, curve_sizes=evaluation.curve_sizes, experiment=name
+                fit,
+                rows,
+                config=config,
+                curve_sizes=evaluation.curve_sizes,
+                folds=evaluation.folds,
+                replicates=evaluation.replicates,
+                resamples=evaluation.bootstrap,
+                experiment=name,
             )
         except HeldOutError as exc:
             raise dg.Failure(description=str(exc)) from exc
-        result, curve = judged.evaluation, judged.curve
+        scores, result, curve = judged.scores, judged.evaluation, judged.curve
+        curves = {}
+        if curve is not None:
+            curves["lds_curve"] = [(p.n_models, p.lds) for p in curve.points]
+            for side, at in (("low", 0), ("high", 1)):
+                curves[f"lds_curve_ci_{side}"] = [
+                    (p.n_models, p.lds_ci[at]) for p in curve.points if p.lds_ci is not None
+                ]
         run_id = tracking.log_evaluation(
             experiment=name,
             fit_dir=fit.path,
             metrics=judged.metrics(),
-            curves={"lds_curve": [(p.n_models_used, p.lds) for p in curve]},
+            curves=curves,
             artifacts=[fit.file(f) for f in EVALUATION_FILES if fit.file(f).exists()],
         )
-        context.log.info(
-            "%s: LDS %.3f, Pearson %.3f, R^2 %.3f on %d held-out models%s",
-            name,
-            result.lds,
-            result.pearson,
-            result.r2,
-            len(judged.held_out),
-            "" if result.noise_ceiling is None else f" (noise ceiling {result.noise_ceiling:.3f})",
-        )
+        for line in score_lines(judged.report):
+            context.log.info("%s: %s", name, line)
         meta: dict[str, dg.RawMetadataValue] = {
-            "lds": result.lds,
-            "pearson": result.pearson,
-            "r2": result.r2,
+            "lds": round(result.lds, 4),
+            "pearson": round(result.pearson, 4),
+            "r2": round(result.r2, 4),
+            "scores": dg.MetadataValue.md(scores_markdown(judged.report)),
             "held_out_models": len(judged.held_out),
+            "held_out_masks": scores.single.masks,
             "targets": int(result.n_targets),
             "fit_dir": dg.MetadataValue.path(str(fit.path)),
-            "seconds": time.perf_counter() - started,
+            "seconds": round(time.perf_counter() - started, 2),
         }
-        if result.noise_ceiling is not None:
-            meta["noise_ceiling"] = result.noise_ceiling
-        if curve:
-            meta["lds_curve"] = dg.MetadataValue.md(
-                "| training models | models in the fit (with validation, refit) | LDS |\n"
-                "|---|---|---|\n"
-                + "\n".join(f"| {p.n_train} | {p.n_models_used} | {p.lds:.3f} |" for p in curve)
-            )
+        if scores.lds_ci is not None:
+            meta["lds_95ci"] = f"[{scores.lds_ci[0]:.4f}, {scores.lds_ci[1]:.4f}]"
+        if scores.noise_ceiling is not None:
+            meta["noise_ceiling"] = round(scores.noise_ceiling, 4)
+        if scores.lds_over_ceiling is not None:
+            meta["lds_over_ceiling"] = round(scores.lds_over_ceiling, 4)
+        if curve is not None:
+            meta["lds_curve"] = dg.MetadataValue.md(curve_markdown(judged.report["curve"]))
         if run_id is not None:
             meta["mlflow_run_id"] = run_id
         yield dg.MaterializeResult(

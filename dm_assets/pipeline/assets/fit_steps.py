@@ -44,13 +44,15 @@ def fit_on_a_device_slot(
     store: Path,
 ) -> tuple[FitRun, float]:
     """Fit ``config`` holding one of the experiment's device slots (``cfg.device: auto`` then
-    means that slot's device) into the new fit folder ``fit_dir``
+    means that slot's device, as torch numbers it in this process:
+    :func:`~dm_assets.training.devices.torch_device`) into the new fit folder ``fit_dir``
     (:func:`~dm_assets.regression.fit_run.fit_into_folder`, its manifest naming the rows of
     ``store`` it used and this Dagster run) and point ``link`` at it; the fit and the seconds
     taken, waiting for the slot included."""
     from dm_assets.regression.beton import BetonError
     from dm_assets.regression.fit_run import configure_fit, fit_into_folder
     from dm_assets.regression.manifest import ManifestError
+    from dm_assets.training.devices import DeviceNotVisibleError, torch_device
 
     started = time.perf_counter()
     with devices.acquire(
@@ -59,9 +61,11 @@ def fit_on_a_device_slot(
         on_wait=lambda message: context.log.info("waiting for a device slot: %s", message),
     ) as lease:
         device = lease.devices[0]
-        config = configure_fit(
-            config, device=f"cuda:{device.ordinal}" if device.kind == "cuda" else "cpu"
-        )
+        try:
+            # torch's number for the leased GPU in this process, not the machine's ordinal
+            config = configure_fit(config, device=torch_device(device))
+        except DeviceNotVisibleError as exc:
+            raise dg.Failure(description=str(exc)) from exc
         context.log.info("fitting on %s (%s)", device.name, config["cfg"]["device"])
         try:
             regression = experiment.regression
