@@ -60,8 +60,8 @@ def _interval_note(report: Mapping[str, Any]) -> str:
     if not boot.get("resamples"):
         return "no intervals (evaluation.bootstrap: 0)"
     return (
-        f"[95% intervals: {boot['resamples']} bootstrap resamples of the held-out "
-        f"{boot.get('unit', 'masks')}]"
+        f"[95% intervals: {boot['resamples']} bootstrap resamples of the "
+        f"{boot.get('unit', 'held-out masks')}]"
     )
 
 

@@ -208,7 +208,11 @@ def test_dm_experiments_missing_entry_and_duplicate_names(tmp_path: Path) -> Non
     ("evaluation", "expected"),
     [
         ("{curve_sizes: [10, 5]}", "increasing order"),
-        ("{curve_sizes: [5, 30]}", "[30] exceed data.num_train = 20"),
+        ("{curve_sizes: [10, 30]}", "[30] exceed the 25 fitted models"),
+        ("{curve_sizes: [6, 20]}", "[6] are below 2 x folds = 10"),
+        ("{curve_sizes: [10], folds: 1}", "field evaluation.folds"),
+        ("{replicates: 1}", "field evaluation.replicates"),
+        ("{bootstrap: -1}", "field evaluation.bootstrap"),
         ("{min_lds: 2}", "field evaluation.min_lds"),
         ("{curve_sizes: [1]}", "at least 2 models"),
     ],
@@ -229,6 +233,28 @@ def test_evaluation_needs_held_out_models_and_a_regression(tmp_path: Path) -> No
         load_experiment(write(tmp_path, bare, "bare.yaml"))
     fine = load_experiment(write(tmp_path, textwrap.dedent(GOOD) + "evaluation: {}\n", "ok.yaml"))
     assert fine.evaluation is not None and fine.evaluation.curve_sizes == []
+    assert (fine.evaluation.folds, fine.evaluation.replicates) == (5, None)
+    assert fine.evaluation.bootstrap == 1000 and fine.attributions is None
+
+
+@pytest.mark.parametrize(
+    ("attributions", "expected"),
+    [
+        ("{methods: [trak, shap]}", "unknown method(s) ['shap']"),
+        ("{methods: []}", "list at least one method"),
+        ("{methods: [trak, trak]}", "list each method once"),
+        ("{targets: 0}", "field attributions.targets"),
+    ],
+)
+def test_attributions_section_is_checked(tmp_path: Path, attributions: str, expected: str) -> None:
+    text = textwrap.dedent(GOOD) + "evaluation: {}\n"
+    with pytest.raises(ExperimentError, match=re.escape(expected)):
+        load_experiment(write(tmp_path, text + f"attributions: {attributions}\n"))
+    with pytest.raises(ExperimentError, match="add an evaluation section"):
+        load_experiment(write(tmp_path, textwrap.dedent(GOOD) + "attributions: {}\n", "a.yaml"))
+    fine = load_experiment(write(tmp_path, text + "attributions: {}\n", "ok.yaml"))
+    assert fine.attributions is not None
+    assert fine.attributions.methods == ["influence_cg", "trak", "tracin"]
 
 
 def test_a_broken_user_experiment_stops_the_definitions_loading(tmp_path: Path) -> None:

@@ -117,8 +117,11 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     assert judged["held_out_models"] == 50 and judged["targets"] == 4
     assert 0.7 < judged["lds"] <= 1 and 0 < judged["r2"] <= 1
     report = json.loads((fit_dir / "evaluation.json").read_text())
-    assert [p["n_train"] for p in report["curve"]] == [50, 100, 200]
-    assert report["lds"] == pytest.approx(judged["lds"])
+    assert [p["n_models"] for p in report["curve"]["points"]] == [50, 100, 200]
+    assert report["lds"] == pytest.approx(judged["lds"], abs=5e-5)  # metadata rounds to 4
+    low, high = report["ci"]
+    assert judged["lds_95ci"] == f"[{low:.4f}, {high:.4f}]"
+    assert "| one model's output |" in judged["scores"]
     for name in ("evaluation_per_target.csv", "lds_curve.png", "predicted_vs_actual.png"):
         assert (fit_dir / name).stat().st_size > 0
     assert all(e.passed for e in evaluated.values()), evaluated
@@ -135,9 +138,8 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "path/mean_val_mse")
     assert len(history) >= 5
     assert sorted(m.step for m in history) == list(range(len(history)))
-    assert client.get_metric_history(run.info.run_id, "eval/lds")[0].value == pytest.approx(
-        judged["lds"]
-    )
+    assert client.get_metric_history(run.info.run_id, "eval/lds")[0].value == report["lds"]
+    assert client.get_metric_history(run.info.run_id, "eval/lds_ci_low")[0].value == low
     curve = client.get_metric_history(run.info.run_id, "eval/lds_curve")
     assert len(curve) == 3
 
