@@ -167,7 +167,9 @@ def _curve_points(
 ) -> tuple[list[dict[str, Any]], str]:
     points = []
     recorded = True
-    for point in (evaluation or {}).get("curve", []):
+    curve = (evaluation or {}).get("curve") or []
+    # evaluation.json's curve: {"points": [...], ...}; older files: a list of points
+    for point in curve.get("points") or [] if isinstance(curve, Mapping) else curve:
         models = next(
             (point[k] for k in ("n_models", "n", "n_models_used", "n_train") if k in point), None
         )

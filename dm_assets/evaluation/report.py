@@ -49,7 +49,7 @@ def _held_out_phrase(report: Mapping[str, Any]) -> str:
     models = report.get("held_out_models")
     masks = report.get("masks")
     seeds = report.get("seeds")
-    text = f"{models} held-out models"
+    text = f"{models} models"
     if masks is not None and masks != models:
         text += f" ({masks} masks" + (f", {seeds} seeds each" if seeds else "") + ")"
     return text

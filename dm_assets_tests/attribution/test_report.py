@@ -10,10 +10,13 @@ from dm_assets.evaluation.figures import save_png
 
 def test_curve_compute_is_models_times_seconds_plus_fit_seconds() -> None:
     evaluation = {
-        "curve": [
-            {"n_models": 200, "lds": 0.5, "seconds": 3.0},
-            {"n_models": 100, "lds": 0.4, "seconds": 1.0},
-        ]
+        "curve": {
+            "points": [
+                {"n_models": 200, "lds": 0.5, "seconds": 3.0},
+                {"n_models": 100, "lds": 0.4, "seconds": 1.0},
+            ],
+            "folds": 5,
+        }
     }
     points, source = _curve_points(evaluation, 0.5)
     assert [p["models"] for p in points] == [100, 200]
