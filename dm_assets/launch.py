@@ -8,9 +8,10 @@
 This command submits the run through it (so what CI runs is exactly Dagster's launch path),
 prints the run's log as it goes, and exits 0 only when the run succeeded: 1 when it failed or
 was canceled, 124 when ``--timeout`` passed first (the run is then terminated), 2 for a usage
-error, 130 on Ctrl-C (SIGINT), which terminates the run: its worker processes end, its SLURM
-jobs are cancelled. Jobs over partitions get every partition unless ``--partitions`` says
-otherwise (one key, or an inclusive range ``FIRST...LAST``).
+error or an experiment file with problems (each printed, before anything is launched), 130 on
+Ctrl-C (SIGINT), which terminates the run: its worker processes end, its SLURM jobs are
+cancelled. Jobs over partitions get every partition unless ``--partitions`` says otherwise (one
+key, or an inclusive range ``FIRST...LAST``).
 
 When ``DAGSTER_HOME`` is not set it is ``$DM_HOME/dagster`` (default ``.dm/dagster``), prepared
 with the shipped instance configuration (``dm_assets/dagster.yaml``: SQLite storage, runs start
@@ -29,6 +30,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from dm_assets.errors import DmError
 from dm_assets.pipeline.runs import (
     REPO_ROOT,
     follow_run,
@@ -80,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--tags must be a JSON object of strings ({exc}): got {args.tags!r}")
     prepare_dagster_home()
-    jobs = job_partition_keys()
+    try:
+        # the experiment files are read here, in this process, before anything is submitted:
+        # a user's mistake is a list of problems and exit 2, never a traceback from Dagster
+        jobs = job_partition_keys()
+    except DmError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     if args.list or args.job is None:
         for name, keys in jobs.items():
             where = f"{len(keys)} partitions {keys[0]} ... {keys[-1]}" if keys else "unpartitioned"

@@ -19,8 +19,15 @@ from pathlib import Path
 from dm_assets.home import dm_home, mlflow_artifact_root, mlflow_tracking_uri
 from dm_assets.pipeline.runs import REPO_ROOT, prepare_dagster_home
 
+HOST = "127.0.0.1"
+DAGSTER_PORT = 3000
+MLFLOW_PORT = 5000
+# where `python -m dm_assets.ui mlflow` serves the MLflow UI by default: the links in the
+# Dagster metadata (dm_assets.pipeline.resources.mlflow_tracking) point here
+MLFLOW_UI_URL = f"http://{HOST}:{MLFLOW_PORT}"
 
-def command(which: str, port: int, host: str = "127.0.0.1") -> list[str]:
+
+def command(which: str, port: int, host: str = HOST) -> list[str]:
     """The command line that serves ``which`` (``dagster`` or ``mlflow``)."""
     bindir = Path(sys.executable).parent
     if which == "dagster":
@@ -53,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("which", choices=["dagster", "mlflow"])
     parser.add_argument("--port", type=int, default=None, help="default 3000 / 5000")
     args = parser.parse_args(argv)
-    port = args.port or (3000 if args.which == "dagster" else 5000)
+    port = args.port or (DAGSTER_PORT if args.which == "dagster" else MLFLOW_PORT)
     if args.which == "dagster":
         prepare_dagster_home()
     dm_home().mkdir(parents=True, exist_ok=True)
     argv_ = command(args.which, port)
-    print(f"serving {args.which} on http://127.0.0.1:{port} (data: {dm_home()})", flush=True)
+    print(f"serving {args.which} on http://{HOST}:{port} (data: {dm_home()})", flush=True)
     os.chdir(REPO_ROOT)
     os.execv(argv_[0], argv_)
     return 0  # not reached

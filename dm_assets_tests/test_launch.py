@@ -215,3 +215,29 @@ def test_fit_without_trained_models_fails_clearly(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "STEP_FAILURE" in proc.stdout
     assert "store" in proc.stdout.lower()
+
+
+def test_a_bad_experiment_file_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    env = environment(tmp_path)
+    bad = SLEEPY.replace("num_models: 40", "num_models: 10").replace(
+        "models_per_partition: 10", "models_per_partition: 0"
+    )
+    (tmp_path / "experiments" / "sleepy.yaml").write_text(bad)
+    for argv in (["sleepy_all"], ["--list"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dm_assets.launch", *argv],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2, output
+        assert "Traceback" not in output, output
+        assert f"experiment file {tmp_path / 'experiments' / 'sleepy.yaml'}" in proc.stderr
+        # every problem of the file, at once
+        assert "field models_per_partition" in proc.stderr, output
+        assert "num_train + num_val = 20 + 10 = 30 is more than" in proc.stderr, output
+        # caught in this process, before any run was submitted
+        assert not (tmp_path / "home" / "dagster" / "launch_logs").exists()

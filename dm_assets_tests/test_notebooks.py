@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import dagster as dg
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -33,7 +35,8 @@ devices: {gpus: none, cpu_workers: 2, threads_per_worker: 1}
 regression:
   data: {num_train: 400, num_val: 80}
   cfg: {k: 12, eps: 1.0e-2, batch_size: 240, num_workers: 1, solver: gram, device: cpu}
-evaluation: {curve_sizes: [100, 400]}
+evaluation: {bootstrap: 200}  # the curve is tested elsewhere (slow with p > N)
+attributions: {methods: [trak, tracin], targets: 40}
 checks: {min_mean_val_r2: 0.0}
 """
 
@@ -57,6 +60,15 @@ def finished_small_digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         },
     )
     assert result.success
+    # the baselines ran end to end on the fit's held-out models, beside the datamodels' scores
+    fit = home / "digits_small" / "datamodels"
+    report = json.loads((fit / "attributions.json").read_text())
+    assert set(report["methods"]) == {"trak", "tracin"}
+    for method in report["methods"].values():
+        assert method["dattri_lds"] == pytest.approx(method["lds"], abs=1e-9)
+        assert -1 <= method["lds"] <= 1 and method["seconds"] > 0
+    assert np.load(fit / "scores_trak.npy").shape == (1000, 40)
+    assert (fit / "lds_vs_compute.png").stat().st_size > 0
     return {"DM_HOME": str(home), "DM_EXPERIMENTS": str(folder)}
 
 

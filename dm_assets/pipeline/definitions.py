@@ -1,8 +1,9 @@
 """The Dagster definitions: every experiment's assets, checks and jobs, and the resources.
 
 ``dagster dev -w workspace.yaml`` loads this module. Experiments are the shipped
-``dm_assets/experiments/*.yaml`` plus those named by ``$DM_EXPERIMENTS``; data goes under
-``$DM_HOME`` (default ``.dm/`` in the working directory).
+``dm_assets/experiments/*.yaml`` (left out with ``DM_SHIPPED_EXPERIMENTS=0``, so a deployment
+shows only its own) plus those named by ``$DM_EXPERIMENTS``; data goes under ``$DM_HOME``
+(default ``.dm/`` in the working directory). See :mod:`dm_assets.pipeline.experiment`.
 """
 
 from __future__ import annotations

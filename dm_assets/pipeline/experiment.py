@@ -52,8 +52,15 @@ An experiment file holds::
       min_mean_val_r2: 0.0              # floor on the datamodels' mean validation R^2
 
 Shipped experiments are the ``*.yaml`` files in ``dm_assets/experiments/``; users add theirs with
-``DM_EXPERIMENTS``, a list of files or folders separated by ``os.pathsep`` (``:``). Data goes to
+``DM_EXPERIMENTS``, a list of files or folders separated by ``os.pathsep`` (``:``).
+``DM_SHIPPED_EXPERIMENTS=0`` (or ``false``, ``no``, ``off``) leaves the shipped examples out, so
+a deployment's definitions hold only the experiments of ``DM_EXPERIMENTS``; unset, empty, ``1``,
+``true``, ``yes`` or ``on`` keep them (the default); any other value is an error. Data goes to
 ``$DM_HOME/<name>/`` (see :class:`ExperimentPaths`).
+
+A file is checked as a whole: the fields of every section, the spec, the regression section
+against the spec (keys, shapes, ``num_train + num_val`` at most ``num_models``), the evaluation
+against the regression; :class:`ExperimentError` lists every problem found, not the first layer's.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -78,6 +85,9 @@ if TYPE_CHECKING:
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "experiments"
 ENV_VAR = "DM_EXPERIMENTS"
+SHIPPED_ENV_VAR = "DM_SHIPPED_EXPERIMENTS"
+_SHIPPED_ON = ("", "1", "true", "yes", "on")
+_SHIPPED_OFF = ("0", "false", "no", "off")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # filled in by the pipeline: the dataset it wrote, and a fresh output folder per fit
 _PLACEHOLDER_PATH = "<filled in by the pipeline>"
@@ -446,24 +456,46 @@ def _resolve_spec(value: str | dict[str, Any], source: Path) -> Spec:
     return Spec.from_dict(value, source=f"{source} (field spec)")
 
 
-def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
+def _data_counts(reg: RegressionSettings) -> tuple[int, int] | None:
+    """``(num_train, num_val)`` of the regression's data section when both are whole numbers,
+    whether or not the rest of the section is valid (None: one is missing or not a number)."""
+    num_train, num_val = reg.data.get("num_train"), reg.data.get("num_val")
+    if isinstance(num_train, bool) or isinstance(num_val, bool):
+        return None
+    if isinstance(num_train, int) and isinstance(num_val, int):
+        return num_train, num_val
+    return None
+
+
+def _check_regression(reg: RegressionSettings, spec: Spec | None) -> list[str]:
+    """The regression section's problems: its compute_datamodels config, and against the spec
+    (``None``: the spec is itself broken, so only the config is checked)."""
     problems = []
-    schema = spec.schema
-    for field, key in (("x_name", reg.x_name), ("y_name", reg.y_name)):
-        if key not in schema:
+    schema = spec.schema if spec is not None else None
+    if schema is not None:
+        for field, key in (("x_name", reg.x_name), ("y_name", reg.y_name)):
+            if key not in schema:
+                problems.append(
+                    f"field regression.{field}: {key!r} is not a key of the spec; "
+                    f"the keys are {sorted(schema)}"
+                )
+        if reg.x_name in schema and len(schema[reg.x_name].shape) != 1:
             problems.append(
-                f"field regression.{field}: {key!r} is not a key of the spec; "
-                f"the keys are {sorted(schema)}"
+                f"field regression.x_name: {reg.x_name!r} has shape "
+                f"{schema[reg.x_name].shape}; masks must be one vector per model"
             )
-    if reg.x_name in schema and len(schema[reg.x_name].shape) != 1:
+        if reg.y_name in schema and len(schema[reg.y_name].shape) > 1:
+            problems.append(
+                f"field regression.y_name: {reg.y_name!r} has shape "
+                f"{schema[reg.y_name].shape}; outputs must be a vector or a scalar per model"
+            )
+    counts = _data_counts(reg)
+    if spec is not None and counts is not None and sum(counts) > spec.num_models:
+        num_train, num_val = counts
         problems.append(
-            f"field regression.x_name: {reg.x_name!r} has shape {schema[reg.x_name].shape}; "
-            "masks must be one vector per model"
-        )
-    if reg.y_name in schema and len(schema[reg.y_name].shape) > 1:
-        problems.append(
-            f"field regression.y_name: {reg.y_name!r} has shape {schema[reg.y_name].shape}; "
-            "outputs must be a vector or a scalar per model"
+            f"field regression.data: num_train + num_val = {num_train} + {num_val} = "
+            f"{num_train + num_val} is more than the spec's num_models = {spec.num_models}: "
+            "lower num_train / num_val or train more models"
         )
     try:
         config = reg.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
@@ -471,7 +503,7 @@ def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
         problems.extend(f"field regression: {p}" for p in exc.problems)
         return problems
     d = config["data"]
-    if reg.targets_per_slice is not None and reg.y_name in schema:
+    if reg.targets_per_slice is not None and schema is not None and reg.y_name in schema:
         shape = schema[reg.y_name].shape
         n_targets = shape[0] if shape else 1
         start, end = d["target_start_ind"], d["target_end_ind"]
@@ -482,11 +514,6 @@ def _check_regression(reg: RegressionSettings, spec: Spec) -> list[str]:
                 "regression.targets_per_slice cuts into slices: fix target_start_ind / "
                 "target_end_ind (-1: to the last target)"
             )
-    if d["num_train"] + d["num_val"] > spec.num_models:
-        problems.append(
-            f"field regression.data: num_train + num_val = {d['num_train'] + d['num_val']} is "
-            f"more than the spec's num_models = {spec.num_models}"
-        )
     return problems
 
 
@@ -504,44 +531,62 @@ def _check_launcher(launcher: LauncherSettings) -> list[str]:
 
 
 def _check_evaluation(
-    evaluation: EvaluationSettings, regression: RegressionSettings | None, spec: Spec
+    evaluation: EvaluationSettings, regression: RegressionSettings | None, spec: Spec | None
 ) -> list[str]:
-    if regression is None:
-        return ["field evaluation: evaluating needs a regression section (datamodels to evaluate)"]
-    try:
-        config = regression.config(data_path=_PLACEHOLDER_PATH, out_dir=_PLACEHOLDER_PATH)
-    except ConfigError:
-        return []  # reported by _check_regression
-    seen = config["data"]["num_train"] + config["data"]["num_val"]
+    """The evaluation section against the regression's ``num_train + num_val`` (the fitted
+    models) and the spec's ``num_models`` (``spec`` None: broken, those checks are skipped)."""
     problems = []
-    if spec.num_models <= seen:
-        problems.append(
-            f"field evaluation: no held-out models: num_models = {spec.num_models} but "
-            f"num_train + num_val = {seen}; the models after them are the held-out ones"
-        )
-    fitted = config["data"]["num_train"] + config["data"]["num_val"]
-    too_big = [n for n in evaluation.curve_sizes if n > fitted]
-    if too_big:
-        problems.append(
-            f"field evaluation.curve_sizes: {too_big} exceed the {fitted} fitted models "
-            "(data.num_train + data.num_val): each point is a total number of trained models"
-        )
     too_small = [n for n in evaluation.curve_sizes if n < 2 * evaluation.folds]
     if too_small:
         problems.append(
             f"field evaluation.curve_sizes: {too_small} are below 2 x folds = "
             f"{2 * evaluation.folds}: each of the {evaluation.folds} folds needs 2 models"
         )
-    if evaluation.replicates is not None and spec.num_models - seen < evaluation.replicates:
+    counts = _data_counts(regression) if regression is not None else None
+    if counts is None:
+        return problems  # no regression section, or its counts are reported by the regression
+    fitted = sum(counts)
+    too_big = [n for n in evaluation.curve_sizes if n > fitted]
+    if too_big:
+        problems.append(
+            f"field evaluation.curve_sizes: {too_big} exceed the {fitted} fitted models "
+            "(data.num_train + data.num_val): each point is a total number of trained models"
+        )
+    if spec is None:
+        return problems
+    if spec.num_models <= fitted:
+        problems.append(
+            f"field evaluation: no held-out models: num_models = {spec.num_models} but "
+            f"num_train + num_val = {fitted}; the models after them are the held-out ones"
+        )
+    if evaluation.replicates is not None and spec.num_models - fitted < evaluation.replicates:
         problems.append(
             f"field evaluation.replicates: {evaluation.replicates} seeds per held-out mask but "
-            f"only {spec.num_models - seen} held-out models"
+            f"only {max(spec.num_models - fitted, 0)} held-out models"
         )
     return problems
 
 
+_SectionT = TypeVar("_SectionT", bound=BaseModel)
+
+
+def _section(raw: Mapping[str, Any], key: str, model: type[_SectionT]) -> _SectionT | None:
+    """Section ``key`` of a file whose whole validation failed, validated alone so that the
+    checks across sections still run; None when absent or itself invalid (its field errors
+    are already reported by the whole file's validation)."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate one experiment file; :class:`ExperimentError` lists every problem."""
+    """Read and validate one experiment file; :class:`ExperimentError` lists every problem:
+    the fields of every section, the spec, and the checks across sections (the regression
+    against the spec, the evaluation against both), each run on whatever parts are valid."""
     source = Path(path).expanduser().resolve()
     try:
         raw = yaml.safe_load(source.read_text())
@@ -551,27 +596,48 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ExperimentError(source, [f"not valid YAML: {exc}"]) from exc
     if not isinstance(raw, Mapping):
         raise ExperimentError(source, ["the file must be a mapping (name:, spec:, trainer: ...)"])
+    problems: list[str] = []
+    parsed: _ExperimentFile | None
     try:
         parsed = _ExperimentFile.model_validate(raw)
     except ValidationError as exc:
-        raise ExperimentError(source, _format_validation(exc)) from exc
-    try:
-        spec = _resolve_spec(parsed.spec, source)
-    except SpecError as exc:
-        raise ExperimentError(source, [f"field spec: {exc}"]) from exc
-    problems = []
-    if parsed.regression is not None:
-        problems.extend(_check_regression(parsed.regression, spec))
-    if parsed.evaluation is not None:
-        problems.extend(_check_evaluation(parsed.evaluation, parsed.regression, spec))
-    if parsed.attributions is not None and parsed.evaluation is None:
+        parsed = None
+        problems.extend(_format_validation(exc))
+    if parsed is not None:
+        spec_field: object = parsed.spec
+        regression, evaluation = parsed.regression, parsed.evaluation
+        launcher: LauncherSettings | None = parsed.launcher
+    else:
+        spec_field = raw.get("spec")
+        regression = _section(raw, "regression", RegressionSettings)
+        evaluation = _section(raw, "evaluation", EvaluationSettings)
+        launcher = _section(raw, "launcher", LauncherSettings)
+    spec: Spec | None = None
+    if isinstance(spec_field, str | dict):
+        try:
+            spec = _resolve_spec(spec_field, source)
+        except SpecError as exc:
+            where = f" ({exc.source})" if isinstance(spec_field, str) and exc.source else ""
+            problems.extend(f"field spec{where}: {p}" for p in exc.problems)
+    if regression is not None:
+        problems.extend(_check_regression(regression, spec))
+    if evaluation is not None:
+        if raw.get("regression") is None:
+            problems.append(
+                "field evaluation: evaluating needs a regression section (datamodels to evaluate)"
+            )
+        else:
+            problems.extend(_check_evaluation(evaluation, regression, spec))
+    if raw.get("attributions") is not None and raw.get("evaluation") is None:
         problems.append(
             "field attributions: the baselines are scored on the evaluation's held-out models: "
             "add an evaluation section"
         )
-    problems.extend(_check_launcher(parsed.launcher))
+    if launcher is not None:
+        problems.extend(_check_launcher(launcher))
     if problems:
         raise ExperimentError(source, problems)
+    assert parsed is not None and spec is not None  # no problems: both were read
     return Experiment(
         name=parsed.name,
         description=parsed.description,
@@ -589,10 +655,32 @@ def load_experiment(path: str | Path) -> Experiment:
     )
 
 
-def experiment_files(extra: str | None = None) -> list[Path]:
+def shipped_experiments_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the shipped example experiments load: ``$DM_SHIPPED_EXPERIMENTS`` (in
+    ``environ``, default ``os.environ``) unset, empty, ``1``/``true``/``yes``/``on`` (any case)
+    is True, ``0``/``false``/``no``/``off`` False; any other value is a :class:`DmError`."""
+    env = os.environ if environ is None else environ
+    value = env.get(SHIPPED_ENV_VAR, "")
+    word = value.strip().lower()
+    if word in _SHIPPED_ON:
+        return True
+    if word in _SHIPPED_OFF:
+        return False
+    raise DmError(
+        f"${SHIPPED_ENV_VAR}={value!r} is not understood: set it to 0 (false, no, off) to load "
+        f"only the experiments of ${ENV_VAR}, or to 1 (true, yes, on) or leave it unset to "
+        f"load the shipped examples of {SHIPPED_DIR} too"
+    )
+
+
+def experiment_files(extra: str | None = None, *, shipped: bool | None = None) -> list[Path]:
     """The shipped experiment files, then those named by ``extra`` (default: ``$DM_EXPERIMENTS``):
-    files, or folders whose ``*.yaml``/``*.yml`` files are taken in name order."""
-    files = sorted(SHIPPED_DIR.glob("*.yaml"))
+    files, or folders whose ``*.yaml``/``*.yml`` files are taken in name order. ``shipped``
+    False leaves the shipped files out (default: :func:`shipped_experiments_enabled`, i.e.
+    ``$DM_SHIPPED_EXPERIMENTS``)."""
+    if shipped is None:
+        shipped = shipped_experiments_enabled()
+    files = sorted(SHIPPED_DIR.glob("*.yaml")) if shipped else []
     listed = os.environ.get(ENV_VAR, "") if extra is None else extra
     for entry in filter(None, (e.strip() for e in listed.split(os.pathsep))):
         path = Path(entry).expanduser()
@@ -608,11 +696,11 @@ def experiment_files(extra: str | None = None) -> list[Path]:
     return files
 
 
-def load_experiments(extra: str | None = None) -> list[Experiment]:
+def load_experiments(extra: str | None = None, *, shipped: bool | None = None) -> list[Experiment]:
     """Every experiment (see :func:`experiment_files`); names must be unique."""
     experiments: list[Experiment] = []
     seen: dict[str, Path] = {}
-    for file in experiment_files(extra):
+    for file in experiment_files(extra, shipped=shipped):
         experiment = load_experiment(file)
         if experiment.name in seen:
             raise ExperimentError(

@@ -19,6 +19,7 @@ job                selects                                       partition keys
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,8 +36,9 @@ class JobSpec:
     ``name``: the Dagster job's name (``<experiment>_<kind>``); ``asset_names``: the assets it
     selects, by their name under the experiment's key prefix (empty when it selects ``group``
     instead); ``group``: the asset group it selects, or None; ``partition_keys``: the keys it
-    runs over, in order (empty: the job's assets are not partitioned); ``description``: shown
-    in the Dagster UI.
+    runs over, in order (empty: the job's assets are not partitioned); ``description``: what
+    the job is for, shown in the Dagster UI followed by the assets it materializes
+    (:func:`experiment_jobs` lists them from the asset definitions).
     """
 
     name: str
@@ -92,14 +94,17 @@ def job_specs(experiment: Experiment) -> list[JobSpec]:
             )
         else:
             fit.insert(0, "regression_dataset")
+        fit_text = f"Fit the datamodels of {name!r} from its completed models"
+        if slices:
+            fit_text += " (merging its target slices)"
+        fit_text += "; evaluate them on held-out models." if experiment.evaluation else "."
         specs.append(
             JobSpec(
                 name=f"{name}_fit",
                 experiment=name,
                 asset_names=tuple(fit),
                 partition_keys=(),
-                description=f"Fit (or merge the slices of) {name!r}'s datamodels from its "
-                "completed models and evaluate them on held-out models.",
+                description=fit_text,
             )
         )
     specs.append(
@@ -109,18 +114,51 @@ def job_specs(experiment: Experiment) -> list[JobSpec]:
             asset_names=(),
             group=name,
             partition_keys=models,
-            description=f"Everything of {name!r}: store, the selected training partitions, "
-            "dataset, datamodels.",
+            description=f"Everything of {name!r} but its target slices, over the selected "
+            "training partitions.",
         )
     )
     return specs
 
 
-def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinition]:
-    """The Dagster jobs of :func:`job_specs`, asset keys prefixed with the experiment's name."""
+def materialized(
+    spec: JobSpec, assets: Sequence[dg.AssetsDefinition | dg.AssetChecksDefinition]
+) -> list[str]:
+    """The names (last key component) of the assets among ``assets`` that ``spec`` selects:
+    those of its group, or its ``asset_names``; in the order of ``assets`` (upstream first)."""
+    import dagster as dg
+
+    names = []
+    for definition in assets:
+        if not isinstance(definition, dg.AssetsDefinition):
+            continue
+        for key in definition.keys:
+            if key.path[0] != spec.experiment:
+                continue
+            if spec.group is not None:
+                chosen = definition.group_names_by_key.get(key) == spec.group
+            else:
+                chosen = key.path[-1] in spec.asset_names
+            if chosen:
+                names.append(key.path[-1])
+    return names
+
+
+def experiment_jobs(
+    experiment: Experiment,
+    assets: Sequence[dg.AssetsDefinition | dg.AssetChecksDefinition] | None = None,
+) -> list[dg.UnresolvedAssetJobDefinition]:
+    """The Dagster jobs of :func:`job_specs`, asset keys prefixed with the experiment's name;
+    each description ends with ``Materializes: store, model_outputs.``, the assets its
+    selection picks among ``assets`` (default: the experiment's,
+    :func:`~dm_assets.pipeline.assets.experiment_assets`)."""
     # imported here: launch reads job_specs without loading Dagster
     import dagster as dg
 
+    if assets is None:
+        from dm_assets.pipeline.assets import experiment_assets
+
+        assets = experiment_assets(experiment)
     jobs = []
     for spec in job_specs(experiment):
         selection: dg.AssetSelection
@@ -130,7 +168,6 @@ def experiment_jobs(experiment: Experiment) -> list[dg.UnresolvedAssetJobDefinit
             selection = dg.AssetSelection.assets(
                 *(dg.AssetKey([spec.experiment, asset]) for asset in spec.asset_names)
             )
-        jobs.append(
-            dg.define_asset_job(spec.name, selection=selection, description=spec.description)
-        )
+        description = f"{spec.description} Materializes: {', '.join(materialized(spec, assets))}."
+        jobs.append(dg.define_asset_job(spec.name, selection=selection, description=description))
     return jobs

@@ -379,6 +379,26 @@ def done_mask(store: Store, replace: Collection[int] = ()) -> np.ndarray:
     return mask
 
 
+def plan_text(store: Store, indices: Sequence[int], replace: Collection[int] = ()) -> str:
+    """What training ``indices`` of ``store`` will do, said before it starts: how many are
+    selected, how many will be trained (and how many of those replace rows of a configuration
+    in ``replace``) and how many are skipped because :func:`done_mask` says they are done, e.g.
+    ``"300 model(s) selected: 0 to train, 300 skipped (already completed: 0-299)"``."""
+    selected = np.asarray(indices, dtype=np.int64)
+    done = done_mask(store, replace)[selected]
+    skipped = np.sort(selected[done])
+    to_train = len(selected) - len(skipped)
+    text = f"{len(selected)} model(s) selected: {to_train} to train"
+    if replace:
+        again = int((store.completed_mask()[selected] & ~done).sum())
+        if again:
+            text += f" ({again} of them again, to replace their configuration)"
+    text += f", {len(skipped)} skipped"
+    if len(skipped):
+        text += f" (already completed: {compact_ranges(skipped.tolist())})"
+    return text
+
+
 def skip_completed(
     store: Store, block: Sequence[int], report: TrainingReport, replace: Collection[int] = ()
 ) -> list[int]:

@@ -208,3 +208,89 @@ def test_webserver_serves_the_experiments_assets_and_jobs(webserver: tuple[str, 
     assert {"minimal_train", "minimal_fit", "minimal_all"} <= jobs
     assert "orch_webui_train" in jobs
     assert "synthetic_all" in jobs and "seed_minimal_train" in jobs
+
+
+def test_the_shipped_experiments_can_be_left_out(tmp_path: Path) -> None:
+    experiment = tmp_path / "orch_webui.yaml"
+    experiment.write_text(textwrap.dedent(USER_EXPERIMENT))
+    env = cli_env()
+    env.update(
+        DM_HOME=str(tmp_path / "home"),
+        DM_EXPERIMENTS=str(experiment),
+        DM_SHIPPED_EXPERIMENTS="0",
+    )
+    script = (
+        "import json\n"
+        "from dm_assets.pipeline.definitions import defs\n"
+        "graph = defs.resolve_asset_graph()\n"
+        "keys = sorted(k.to_user_string() for k in graph.get_all_asset_keys())\n"
+        "print(json.dumps(keys))\n"
+    )
+    proc = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "python"), "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert keys, proc.stdout
+    assert all(key.startswith("orch_webui/") for key in keys), keys
+
+
+def _imported_distributions() -> dict[str, list[str]]:
+    """Every third-party module ``dm_assets`` imports (at any depth of its code), with the
+    installed distributions that provide it."""
+    import ast
+    import importlib.metadata
+    import sys
+
+    modules: set[str] = set()
+    for path in (REPO_ROOT / "dm_assets").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    modules -= {*sys.stdlib_module_names, "dm_assets"}
+    providers = importlib.metadata.packages_distributions()
+    return {module: providers.get(module, []) for module in sorted(modules)}
+
+
+def undeclared_imports(pyproject: str) -> list[str]:
+    """The modules ``dm_assets`` imports that no dependency of ``pyproject`` (its text)
+    provides."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    declared = {
+        canonicalize_name(Requirement(text).name)
+        for text in tomllib.loads(pyproject)["project"]["dependencies"]
+    }
+    return [
+        module
+        for module, distributions in _imported_distributions().items()
+        if not declared & {canonicalize_name(d) for d in distributions}
+    ]
+
+
+def test_every_imported_package_is_declared_and_pinned() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert undeclared_imports(pyproject) == []
+    # and every declared dependency is pinned in the lock file the set-up script installs
+    pinned = {
+        canonicalize_name(line.split("==")[0])
+        for line in (REPO_ROOT / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    for text in tomllib.loads(pyproject)["project"]["dependencies"]:
+        assert canonicalize_name(Requirement(text).name) in pinned, text

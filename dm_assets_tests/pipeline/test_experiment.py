@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dm_assets.errors import DmError
 from dm_assets.pipeline.experiment import (
+    SHIPPED_ENV_VAR,
     Experiment,
     ExperimentError,
     experiment_files,
@@ -123,7 +125,7 @@ def test_spec_path_is_relative_to_the_file(tmp_path: Path) -> None:
         (lambda t: t.replace("name: small", "name: 2-bad"), "field name: '2-bad'"),
         (
             lambda t: t.replace("num_val: 5", "num_val: 50"),
-            "num_train + num_val = 70 is more than the spec's num_models = 30",
+            "num_train + num_val = 20 + 50 = 70 is more than the spec's num_models = 30",
         ),
         (
             lambda t: t.replace(
@@ -176,6 +178,43 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert any("field extra" in p for p in problems)
 
 
+def test_every_layer_is_reported_at_once(tmp_path: Path) -> None:
+    # a field error, a bad spec, a bad regression section and a bad evaluation, all in one file
+    text = textwrap.dedent(GOOD)
+    text = text.replace("models_per_partition: 7", "models_per_partition: 0")
+    text = text.replace("dtype: float32", "dtype: floaty")
+    text = text.replace("cfg: {k: 5, batch_size: 10}", "cfg: {k: 5, batch_size: 10, kk: 1}")
+    text += "evaluation: {curve_sizes: [6, 30]}\n"
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(write(tmp_path, text))
+    message = str(info.value)
+    for expected in (
+        "field models_per_partition",
+        "field spec:",
+        "unknown key cfg.kk",
+        "[30] exceed the 25 fitted models",
+        "[6] are below 2 x folds = 10",
+    ):
+        assert expected in message, (expected, message)
+
+
+def test_too_few_models_for_train_and_val_is_reported_with_the_other_problems(
+    tmp_path: Path,
+) -> None:
+    # the case: 100 + 50 models out of a spec of 10, beside a field and a config error
+    text = textwrap.dedent(GOOD).replace("num_models: 30", "num_models: 10")
+    text = text.replace("num_train: 20, num_val: 5", "num_train: 100, num_val: 50")
+    text = text.replace("cfg: {k: 5, batch_size: 10}", "cfg: {k: 0, batch_size: 10}")
+    text = text.replace("models_per_partition: 7", "models_per_partition: -1")
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(write(tmp_path, text))
+    message = str(info.value)
+    assert "num_train + num_val = 100 + 50 = 150 is more than the spec's num_models = 10" in (
+        message
+    )
+    assert "cfg.k=0" in message and "field models_per_partition" in message, message
+
+
 def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ExperimentError, match="not valid YAML"):
         load_experiment(write(tmp_path, "name: [unclosed\n"))
@@ -202,6 +241,37 @@ def test_dm_experiments_missing_entry_and_duplicate_names(tmp_path: Path) -> Non
     clash = write(tmp_path, GOOD.replace("name: small", "name: minimal"))
     with pytest.raises(ExperimentError, match="already the name of the experiment in"):
         load_experiments(extra=str(clash))
+
+
+@pytest.mark.parametrize("off", ["0", "false", "no", "off", " OFF "])
+def test_shipped_experiments_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, off: str
+) -> None:
+    own = write(tmp_path, GOOD.replace("name: small", "name: only_mine"))
+    monkeypatch.setenv("DM_EXPERIMENTS", str(own))
+    monkeypatch.setenv(SHIPPED_ENV_VAR, off)
+    assert experiment_files() == [own]
+    assert [e.name for e in load_experiments()] == ["only_mine"]
+    # the argument overrides the environment both ways
+    assert len(experiment_files(shipped=True)) > 1
+    monkeypatch.setenv(SHIPPED_ENV_VAR, "1")
+    assert [e.name for e in load_experiments(shipped=False)] == ["only_mine"]
+
+
+@pytest.mark.parametrize("on", ["", "1", "true", "yes", "on"])
+def test_shipped_experiments_load_by_default(monkeypatch: pytest.MonkeyPatch, on: str) -> None:
+    monkeypatch.setenv(SHIPPED_ENV_VAR, on)
+    names = {e.name for e in load_experiments(extra="")}
+    assert {"minimal", "seed_minimal", "synthetic"} <= names
+
+
+def test_a_bad_shipped_setting_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SHIPPED_ENV_VAR, "maybe")
+    with pytest.raises(DmError) as info:
+        load_experiments(extra="")
+    message = str(info.value)
+    assert f"{SHIPPED_ENV_VAR}='maybe'" in message
+    assert "0" in message and "1" in message and "DM_EXPERIMENTS" in message, message
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from dm_assets.pipeline.experiment import Experiment, load_experiments
 from dm_assets.pipeline.jobs import JobSpec, experiment_jobs, job_specs
+from dm_assets_tests.helpers import resources
 
 
 def shipped(name: str) -> Experiment:
@@ -43,9 +45,28 @@ def test_the_dagster_jobs_follow_the_table() -> None:
     jobs = experiment_jobs(minimal)
     specs = job_specs(minimal)
     assert [j.name for j in jobs] == [s.name for s in specs]
-    assert [j.description for j in jobs] == [s.description for s in specs]
+    for job, spec in zip(jobs, specs, strict=True):
+        assert job.description is not None and job.description.startswith(spec.description)
     by_name: dict[str, JobSpec] = {s.name: s for s in specs}
     train = next(j for j in jobs if j.name == "minimal_train")
     assert train.selection == dg.AssetSelection.assets(
         *(dg.AssetKey(["minimal", a]) for a in by_name["minimal_train"].asset_names)
     )
+
+
+def test_each_description_names_what_the_job_materializes(tmp_path: Path) -> None:
+    from dm_assets.pipeline.assets import experiment_assets
+
+    experiments = load_experiments(extra="")
+    assert {"minimal", "digits"} <= {e.name for e in experiments}
+    for experiment in experiments:
+        definitions = dg.Definitions(
+            assets=experiment_assets(experiment), resources=resources(tmp_path)
+        )
+        graph = definitions.resolve_asset_graph()
+        for job in experiment_jobs(experiment):
+            # the assets the job's selection resolves to, as Dagster resolves it
+            selected = {key.path[-1] for key in job.selection.resolve(graph)}
+            assert job.description is not None
+            named = job.description.split("Materializes: ", 1)[-1].rstrip(".").split(", ")
+            assert sorted(named) == sorted(selected), (job.name, job.description)

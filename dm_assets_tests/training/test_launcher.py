@@ -29,6 +29,7 @@ from dm_assets.training.launcher import (
     is_positive_int,
     launcher_logs,
     log_tail,
+    plan_text,
     progress_lines,
     read_outcomes,
     run_rounds,
@@ -366,6 +367,24 @@ def test_skip_completed(store_dir: Path) -> None:
         assert report.skipped == [3, 1]
         with pytest.raises(StoreError, match=r"indices \[40, 41\] are outside the store's range"):
             skip_completed(store, [39, 40, 41], TrainingReport())
+
+
+def test_plan_says_up_front_what_is_trained_and_skipped(store_dir: Path) -> None:
+    write_rows(store_dir, [1, 3])
+    with Store.open(store_dir) as store:
+        assert plan_text(store, [0, 1, 2, 3]) == (
+            "4 model(s) selected: 2 to train, 2 skipped (already completed: 1,3)"
+        )
+        assert plan_text(store, [1, 3]) == (
+            "2 model(s) selected: 0 to train, 2 skipped (already completed: 1,3)"
+        )
+        assert plan_text(store, [5, 6]) == "2 model(s) selected: 2 to train, 0 skipped"
+        # rows of a configuration being replaced are trained again, not skipped
+        replaced = int(store.configuration_ids()[1])
+        assert plan_text(store, [0, 1, 2, 3], replace=[replaced]) == (
+            "4 model(s) selected: 4 to train (2 of them again, to replace their configuration), "
+            "0 skipped"
+        )
 
 
 def test_progress_counts_the_block_and_waits_between_calls(store_dir: Path) -> None:

@@ -129,7 +129,7 @@ def evaluation_assets(
         if curve is not None:
             meta["lds_curve"] = dg.MetadataValue.md(curve_markdown(judged.report["curve"]))
         if run_id is not None:
-            meta["mlflow_run_id"] = run_id
+            meta.update(tracking.run_links(run_id))
         yield dg.MaterializeResult(
             metadata=meta,
             data_version=derived_data_version(

@@ -159,9 +159,11 @@ def regression_assets(
         yield from datamodels_results(
             fit_dir,
             seconds=seconds,
-            run_id=run_id,
+            # the links to the MLflow run come in extra (run_links), not as plain text
+            run_id=None,
             tracking=tracking,
             min_r2=min_r2,
+            extra=dict(tracking.run_links(run_id)) if run_id is not None else None,
             data_version=derived_data_version(
                 datamodels_version,
                 {"dataset": recorded_data_version(context.instance, dataset_key)},

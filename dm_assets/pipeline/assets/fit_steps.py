@@ -183,8 +183,7 @@ def datamodels_results(
         **(extra or {}),
     }
     if run_id is not None:
-        meta["mlflow_run_id"] = run_id
-        meta["mlflow_ui"] = dg.MetadataValue.text(tracking.ui_command())
+        meta.update(tracking.run_links(run_id))
     yield dg.MaterializeResult(metadata=meta, data_version=data_version)
     finite = bool(
         torch.isfinite(weight).all()

@@ -11,6 +11,7 @@ trains what is missing and says so in the metadata. Code and data versions: see
 """
 
 import warnings
+from collections.abc import Sequence
 
 import dagster as dg
 import numpy as np
@@ -34,7 +35,30 @@ from dm_assets.training.configuration import (
     ConfigurationError,
     find_configuration_conflicts,
 )
-from dm_assets.training.launcher import completed_blocks, progress_lines
+from dm_assets.training.launcher import (
+    TrainingReport,
+    completed_blocks,
+    plan_text,
+    progress_lines,
+)
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits, for display (0.08381494807759989 ->
+    0.08381); NaN and infinities unchanged."""
+    return float(f"{value:.{digits}g}")
+
+
+def partition_counts(report: TrainingReport, block: Sequence[int]) -> dict[str, dg.MetadataValue]:
+    """The counts of one partition (``block``: its model indices) in ``report``: ``models``
+    (the block's size) and how many of them were ``trained``, ``skipped`` and ``failed``."""
+    members = set(block)
+    return {
+        "models": dg.MetadataValue.int(len(block)),
+        "trained": dg.MetadataValue.int(sum(i in members for i in report.trained)),
+        "skipped": dg.MetadataValue.int(sum(i in members for i in report.skipped)),
+        "failed": dg.MetadataValue.int(sum(i in members for i in report.failed)),
+    }
 
 
 def store_metadata(store: Store) -> dict[str, dg.MetadataValue]:
@@ -153,6 +177,12 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         replace = frozenset(others) if on_change == "retrain" else frozenset()
         selected = np.asarray(indices, dtype=np.int64)
         to_replace = sum(int(np.isin(others[c], selected).sum()) for c in replace)
+        try:
+            with Store.open(paths.store) as opened:
+                plan = plan_text(opened, indices, replace)
+        except StoreError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        context.log.info("%s: %s", name, plan)
         if others:
             context.log.warning(
                 "%s: the store holds models of %d other training configuration(s) (%s); "
@@ -179,32 +209,33 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
             store_ids = opened.configuration_ids()[opened.completed_mask()]
             current_id = opened.configuration_id(current)
         present = configuration_counts(ids[completed])
+        # each partition's own counts; the run's totals (every partition of this run) are
+        # the run_* entries of the metadata every partition shares
+        own: dict[str, dict[str, dg.MetadataValue]] = {}
         for key, block in blocks.items():
             first = block[0] - indices[0]
             part = slice(first, first + len(block))
-            context.add_asset_metadata(
-                {
-                    "configuration_ids": describe_counts(
-                        configuration_counts(ids[part][completed[part]])
-                    )
-                },
-                partition_key=key,
-            )
+            own[key] = {
+                **partition_counts(report, block),
+                "configuration_ids": dg.MetadataValue.text(
+                    describe_counts(configuration_counts(ids[part][completed[part]]))
+                ),
+            }
         meta: dict[str, dg.MetadataValue] = {
-            "partitions": dg.MetadataValue.int(len(blocks)),
-            "models": dg.MetadataValue.int(len(indices)),
-            "trained": dg.MetadataValue.int(len(report.trained)),
-            "skipped": dg.MetadataValue.int(len(report.skipped)),
-            "failed": dg.MetadataValue.int(len(report.failed)),
-            "seconds_per_model": dg.MetadataValue.float(report.mean_seconds_per_model),
-            "wall_seconds": dg.MetadataValue.float(report.wall_seconds),
+            "run_partitions": dg.MetadataValue.int(len(blocks)),
+            "run_models": dg.MetadataValue.int(len(indices)),
+            "run_trained": dg.MetadataValue.int(len(report.trained)),
+            "run_skipped": dg.MetadataValue.int(len(report.skipped)),
+            "run_failed": dg.MetadataValue.int(len(report.failed)),
+            "seconds_per_model": dg.MetadataValue.float(significant(report.mean_seconds_per_model)),
+            "wall_seconds": dg.MetadataValue.float(significant(report.wall_seconds)),
             "worker_processes": dg.MetadataValue.int(report.processes),
             "configuration_fingerprint": dg.MetadataValue.text(current.fingerprint()),
             "configuration_id": dg.MetadataValue.int(-1 if current_id is None else current_id),
             "configuration_args": dg.MetadataValue.json(current.args),
             "configuration_code": dg.MetadataValue.text(current.code),
             "configuration_versions": dg.MetadataValue.json(current.versions),
-            "configuration_ids": dg.MetadataValue.text(describe_counts(present)),
+            "run_configuration_ids": dg.MetadataValue.text(describe_counts(present)),
             "store_configuration_ids": dg.MetadataValue.text(
                 describe_counts(configuration_counts(store_ids))
             ),
@@ -217,10 +248,14 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
         if report.failed:
             # their models are all stored: these partitions are done even though the run fails
             for key in completed_blocks(report, blocks):
-                yield dg.AssetMaterialization(asset_key=outputs_key, partition=key)
+                yield dg.AssetMaterialization(
+                    asset_key=outputs_key, partition=key, metadata={**meta, **own[key]}
+                )
             raise dg.Failure(
                 description=report.failure_text(experiment.trainer.retries), metadata=meta
             )
+        for key, entries in own.items():
+            context.add_asset_metadata(entries, partition_key=key)
         yield dg.MaterializeResult(
             metadata=meta,
             data_version=dg.DataVersion(rows_data_version(selected, completed, ids)),

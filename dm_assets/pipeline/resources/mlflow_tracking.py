@@ -7,10 +7,15 @@ the Dagster definitions) stays cheap. By default the store lives in ``DM_HOME``:
     $DM_HOME/mlflow.db                                 runs, params, metrics, tags (SQLite)
     $DM_HOME/mlflow.db.init-lock                       empty; serializes creating the database
     $DM_HOME/mlflow-artifacts/<experiment>/<run id>/artifacts/
-        datamodels.pt, regularization_path.csv,        the fit directory's four files
-        summary.json, config.yaml
+        regularization_path.csv, summary.json,         the fit directory's small files
+        config.yaml
         manifest.json                                  the fit's lineage, when it has one
         regularization_path.png                        ``plot_path`` of the path table
+        datamodels.pt                                  only with ``log_weights=True``
+
+The weights (``datamodels.pt``, 2 GB per fit at CIFAR-10 scale) stay in the fit folder, which
+the run references (tag and param ``dm_assets.fit_dir``, tag ``dm_assets.weights``: the
+weights' path); ``MlflowTracking(log_weights=True)`` copies them into the run as well.
 
 What one run records, for a fit directory written by ``write_outputs``:
 
@@ -20,7 +25,13 @@ What one run records, for a fit directory written by ``write_outputs``:
 - metrics per lambda step (``step`` = path index): ``path/<column>`` for every column of
   ``step_metrics`` (``path/mean_val_mse``, ``path/fraction_on_path``...);
 - final metrics: the numbers in ``summary.json`` as ``final/<key>`` (``final/mean_val_r2``...);
-- tags: the caller's (Dagster run id, asset key, partition) and ``dm_assets.fit_dir``;
+- tags: the caller's (Dagster run id, asset key, partition; an empty one is left out),
+  ``dm_assets.fit_dir`` (also a param), ``dm_assets.weights`` (the fit's ``datamodels.pt``)
+  and ``mlflow.note.content``, the run's description in the UI (experiment, models, targets,
+  fit folder);
+- times: the run starts when the fit started (``started_at``, else the fit folder's
+  ``summary.json`` time less the fit's ``seconds``) and ends once logged, so its duration in
+  the UI is the fit's (plus the logging);
 - from the fit's ``manifest.json``, when it has one: params ``manifest.train_models``,
   ``manifest.val_models`` (models fitted on and choosing lambda), ``manifest.dataset_digest``,
   ``manifest.rows_digest``, ``manifest.configuration_ids`` (``0,1``; ``-1`` unknown),
@@ -31,7 +42,9 @@ What one run records, for a fit directory written by ``write_outputs``:
   (:meth:`FitFolder.record_runs <dm_assets.regression.fit.FitFolder.record_runs>`) before it
   is logged as an artifact.
 
-``MlflowTracking(...).ui_command()`` is the shell command that opens the MLflow UI on the store.
+``MlflowTracking(...).ui_command()`` is the shell command that opens the MLflow UI on the store;
+``run_links(run_id)`` the Dagster metadata linking to the run in the UI that
+``python -m dm_assets.ui mlflow`` serves (:data:`dm_assets.ui.MLFLOW_UI_URL`).
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from pydantic import Field
 from dm_assets.home import mlflow_artifact_root, mlflow_tracking_uri
 from dm_assets.regression.fit import FIT_FILES, MANIFEST_FILE, FitFolder
 from dm_assets.regression.manifest import FitManifest
+from dm_assets.ui import MLFLOW_UI_URL
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -59,7 +73,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FIT_DIR_TAG = "dm_assets.fit_dir"
+WEIGHTS_TAG = "dm_assets.weights"
+WEIGHTS_FILE = "datamodels.pt"
 PLOT_NAME = "regularization_path.png"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 
 # MLflow's own limits (mlflow.utils.validation), repeated here so that this module imports
 # without mlflow; a value over them makes the whole log_batch call fail.
@@ -116,6 +133,36 @@ def manifest_tags(manifest: FitManifest) -> dict[str, str]:
         "dm_assets.configuration_ids": params["manifest.configuration_ids"],
         "dm_assets.configuration_fingerprints": params["manifest.configuration_fingerprints"],
     }
+
+
+def fit_started(folder: FitFolder, summary: Mapping[str, Any]) -> float | None:
+    """When the fit in ``folder`` started, in seconds since the epoch, as the folder records
+    it: ``summary.json`` is written as the fit ends, so its modification time less the
+    summary's ``seconds``; None without a numeric ``seconds``."""
+    seconds = summary.get("seconds")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return None
+    return folder.file("summary.json").stat().st_mtime - float(seconds)
+
+
+def run_description(
+    experiment: str,
+    fit_dir: Path,
+    summary: Mapping[str, Any],
+    manifest: FitManifest | None,
+    n_targets: int,
+) -> str:
+    """The run's description (markdown, tag ``mlflow.note.content``): the experiment, the
+    models fitted on and choosing lambda, the targets, the fit folder."""
+    if manifest is not None:
+        train, val = len(manifest.train_indices), len(manifest.val_indices)
+    else:
+        train, val = summary.get("n_train", "?"), summary.get("n_val", "?")
+    return (
+        f"Datamodels of experiment `{experiment}`: {n_targets} targets, each a LASSO path "
+        f"fitted on {train} training models with lambda chosen on {val} validation models. "
+        f"Fit folder: `{fit_dir}`."
+    )
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -195,6 +242,14 @@ class MlflowTracking(dg.ConfigurableResource):
     enabled: bool = Field(
         default=True, description="Log to MLflow; false makes log_regression a no-op."
     )
+    log_weights: bool = Field(
+        default=False,
+        description=(
+            "Copy each fit's weights (datamodels.pt, 2 GB per fit at CIFAR-10 scale) into its "
+            "MLflow run too; by default a run references them (tags dm_assets.fit_dir and "
+            "dm_assets.weights) and holds only the fit's small files."
+        ),
+    )
 
     def find_fit_run(self, experiment: str, fit_dir: Path) -> str | None:
         """The id of the MLflow run that logged ``fit_dir`` (tag ``dm_assets.fit_dir``), if any."""
@@ -254,6 +309,21 @@ class MlflowTracking(dg.ConfigurableResource):
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
         return run_id
 
+    def run_links(self, run_id: str) -> dict[str, dg.MetadataValue]:
+        """Dagster metadata linking to run ``run_id`` in the MLflow UI that
+        ``python -m dm_assets.ui mlflow`` serves (:data:`~dm_assets.ui.MLFLOW_UI_URL`):
+        ``mlflow_run_id`` (text), ``mlflow_run`` (URL of the run's page) and ``mlflow_ui`` (URL
+        of its experiment's runs, to compare them); empty when disabled."""
+        if not self.enabled:
+            return {}
+        experiment_id = self.client().get_run(run_id).info.experiment_id
+        experiment_url = f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}"
+        return {
+            "mlflow_run_id": dg.MetadataValue.text(run_id),
+            "mlflow_run": dg.MetadataValue.url(f"{experiment_url}/runs/{run_id}"),
+            "mlflow_ui": dg.MetadataValue.url(experiment_url),
+        }
+
     def resolved_tracking_uri(self) -> str:
         """The tracking URI in use: ``tracking_uri``, else the SQLite file in ``DM_HOME``."""
         return self.tracking_uri or mlflow_tracking_uri(self.home or None)
@@ -310,12 +380,16 @@ class MlflowTracking(dg.ConfigurableResource):
         run_name: str,
         tags: Mapping[str, str],
         params: Mapping[str, Any] | None = None,
+        started_at: float | None = None,
     ) -> str | None:
         """Log the fit in ``fit_dir`` (written by ``write_outputs``) as one new MLflow run in the
         experiment named ``experiment``; returns the run id, or None when ``enabled`` is false.
 
         ``params`` are logged beside the flattened config; one naming a config key with another
-        value is an error. A failure after the run was created marks it FAILED and re-raises.
+        value is an error. ``tags`` with an empty value are left out. ``started_at`` (seconds
+        since the epoch, ``time.time()``) is when the fit started, the run's start time; None
+        takes it from the fit folder (:func:`fit_started`). A failure after the run was
+        created marks it FAILED and re-raises.
         """
         if not self.enabled:
             return None
@@ -331,7 +405,7 @@ class MlflowTracking(dg.ConfigurableResource):
         config, summary, table = folder.config(), folder.summary(), folder.path_table()
         manifest = folder.manifest() if folder.has_manifest() else None
 
-        all_params: dict[str, Any] = _flatten(config)
+        all_params: dict[str, Any] = {**_flatten(config), FIT_DIR_TAG: str(fit_dir)}
         if manifest is not None:
             all_params.update(manifest_params(manifest))
         for key, value in summary.items():
@@ -371,12 +445,21 @@ class MlflowTracking(dg.ConfigurableResource):
                 **(manifest_tags(manifest) if manifest is not None else {}),
                 **tags,
                 FIT_DIR_TAG: str(fit_dir),
+                WEIGHTS_TAG: str(folder.file(WEIGHTS_FILE)),
+                NOTE_TAG: run_description(experiment, fit_dir, summary, manifest, n_targets),
             }.items()
+            if v is not None and str(v) != ""
         ]
+        if started_at is None:
+            started_at = fit_started(folder, summary)
 
         client = self.client()
         experiment_id = self.experiment_id(client, experiment)
-        run = client.create_run(experiment_id, run_name=run_name)
+        run = client.create_run(
+            experiment_id,
+            run_name=run_name,
+            start_time=None if started_at is None else int(started_at * 1000),
+        )
         run_id = run.info.run_id
         try:
             client.log_batch(run_id, tags=tag_list)
@@ -385,7 +468,8 @@ class MlflowTracking(dg.ConfigurableResource):
             for chunk in _chunks(metric_list, _MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=chunk)
             for name in FIT_FILES:
-                client.log_artifact(run_id, str(folder.file(name)))
+                if name != WEIGHTS_FILE or self.log_weights:
+                    client.log_artifact(run_id, str(folder.file(name)))
             if manifest is not None:
                 # the run's own id first, so the logged copy names the run that holds it
                 folder.record_runs(mlflow_run_id=run_id)

@@ -91,9 +91,7 @@ class LocalTrainer(Trainer):
             on_wait=lambda message: log.info("waiting for a device slot: %s", message),
         )
         with lease:
-            log.info(
-                "training %d model(s) on %s", len(indices), ", ".join(d.name for d in lease.devices)
-            )
+            log.info("workers on %s", ", ".join(d.name for d in lease.devices))
             trainer = experiment.trainer
             return train_models(
                 paths.store,

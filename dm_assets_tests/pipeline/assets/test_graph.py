@@ -17,6 +17,7 @@ from dm_assets.pipeline.definitions import build_definitions
 from dm_assets.pipeline.experiment import Experiment, load_experiment, load_experiments
 from dm_assets.pipeline.jobs import experiment_jobs, job_specs
 from dm_assets.store.store import Store
+from dm_assets.ui import MLFLOW_UI_URL
 from dm_assets_tests.helpers import checks, metadata, resources
 
 RANGE_START = "dagster/asset_partition_range_start"
@@ -75,9 +76,11 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     assert masks.shape == (300, 60)
 
     training = metadata(result, "minimal", "model_outputs")
-    assert training["models"] == 300 and training["trained"] == 300
-    assert training["skipped"] == 0 and training["failed"] == 0
-    assert training["partitions"] == 6
+    assert training["run_models"] == 300 and training["run_trained"] == 300
+    assert training["run_skipped"] == 0 and training["run_failed"] == 0
+    assert training["run_partitions"] == 6
+    # the last partition's own counts
+    assert (training["models"], training["trained"], training["skipped"]) == (50, 50, 0)
     assert training["seconds_per_model"] > 0
 
     dataset = metadata(result, "minimal", "regression_dataset")
@@ -134,7 +137,13 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     assert mlflow_experiment is not None
     (run,) = client.search_runs([mlflow_experiment.experiment_id])
     assert run.data.tags["dagster.run_id"] == result.run_id
-    assert run.info.run_id == fit["mlflow_run_id"]
+    assert run.info.run_id == fit["mlflow_run_id"] == judged["mlflow_run_id"]
+    # Dagster links to the run in the MLflow UI that `python -m dm_assets.ui mlflow` serves
+    runs_url = f"{MLFLOW_UI_URL}/#/experiments/{mlflow_experiment.experiment_id}"
+    assert fit["mlflow_run"] == judged["mlflow_run"] == f"{runs_url}/runs/{run.info.run_id}"
+    assert fit["mlflow_ui"] == judged["mlflow_ui"] == runs_url
+    assert "dagster.partition" not in run.data.tags  # no partition: no empty tag
+    assert "Datamodels of experiment `minimal`" in run.data.tags["mlflow.note.content"]
     history = client.get_metric_history(run.info.run_id, "path/mean_val_mse")
     assert len(history) >= 5
     assert sorted(m.step for m in history) == list(range(len(history)))
@@ -147,9 +156,60 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     again = materialize(experiment, home, keys=["store", "model_outputs"])
     assert again.success
     rerun = metadata(again, "minimal", "model_outputs")
-    assert rerun["trained"] == 0 and rerun["skipped"] == 300
+    assert rerun["run_trained"] == 0 and rerun["run_skipped"] == 300
     with Store.open(root / "store") as store:
         assert np.array_equal(np.asarray(store.read("masks")), masks)
+
+
+def test_each_partition_records_its_own_counts_and_the_plan_comes_first(tmp_path: Path) -> None:
+    experiment = shipped("minimal")
+    home = tmp_path / "home"
+    instance = dg.DagsterInstance.ephemeral()
+    assets = [a for a in experiment_assets(experiment) if isinstance(a, dg.AssetsDefinition)]
+    selection = [dg.AssetKey(["minimal", "store"]), dg.AssetKey(["minimal", "model_outputs"])]
+
+    def train(first: str, last: str) -> dg.ExecuteInProcessResult:
+        result = dg.materialize(
+            assets,
+            selection=selection,
+            resources=resources(home),
+            instance=instance,
+            tags=_range(experiment, first, last),
+        )
+        assert result.success
+        return result
+
+    train("050-099", "050-099")
+    result = train("050-099", "100-149")
+    per = {
+        m.partition: {k: v.value for k, v in m.metadata.items()}
+        for m in result.asset_materializations_for_node("minimal__model_outputs")
+    }
+    assert set(per) == {"050-099", "100-149"}
+    # each partition's own counts: the first was trained by the first run
+    counts = {
+        p: tuple(meta[k] for k in ("models", "trained", "skipped", "failed"))
+        for p, meta in per.items()
+    }
+    assert counts == {"050-099": (50, 0, 50, 0), "100-149": (50, 50, 0, 0)}
+    for meta in per.values():
+        # the run's totals, under their own names
+        assert (meta["run_partitions"], meta["run_models"]) == (2, 100)
+        assert (meta["run_trained"], meta["run_skipped"], meta["run_failed"]) == (50, 50, 0)
+        assert "partitions" not in meta
+        # rounded for display: 4 significant digits
+        for key in ("seconds_per_model", "wall_seconds"):
+            value = meta[key]
+            assert isinstance(value, float) and value > 0, key
+            assert value == float(f"{value:.4g}"), key
+
+    # said before training: how many are trained and how many skipped
+    messages = [e.user_message for e in instance.all_logs(result.run_id) if e.dagster_event is None]
+    plan = "100 model(s) selected: 50 to train, 50 skipped (already completed: 50-99)"
+    assert any(m.endswith(plan) for m in messages), messages
+    first_plan = next(i for i, m in enumerate(messages) if m.endswith(plan))
+    summary = next(i for i, m in enumerate(messages) if "50 trained, 50 skipped" in m)
+    assert first_plan < summary
 
 
 def test_partition_range_trains_only_its_models(tmp_path: Path) -> None:
@@ -160,7 +220,7 @@ def test_partition_range_trains_only_its_models(tmp_path: Path) -> None:
     )
     assert result.success
     training = metadata(result, "minimal", "model_outputs")
-    assert training["models"] == 100 and training["trained"] == 100
+    assert training["run_models"] == 100 and training["run_trained"] == 100
     with Store.open(home / "minimal" / "store") as store:
         assert store.completed_indices().tolist() == list(range(50, 150))
     partitions = {

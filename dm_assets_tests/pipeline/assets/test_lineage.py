@@ -279,7 +279,7 @@ def test_growing_keeps_every_row_and_trains_nothing_again(tmp_path: Path) -> Non
         # the old partitions train nothing again; a new one trains
         again = run(big, home, instance, ["model_outputs"], ("000-099", "300-399"))
         meta = metadata(again, "grow", "model_outputs")
-        assert meta["trained"] == 200 and meta["skipped"] == 200
+        assert meta["run_trained"] == 200 and meta["run_skipped"] == 200
         with Store.open(store_dir) as store:
             for name in ["masks.npy", "margins.npy"]:
                 rows = np.load(store_dir / name)

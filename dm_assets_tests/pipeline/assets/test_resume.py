@@ -330,12 +330,12 @@ def test_resumed_run_reports_the_completed_models_as_skipped(
             materialization = rec.asset_materialization
             assert materialization is not None
             meta = {k: v.value for k, v in materialization.metadata.items()}
-            assert (meta["models"], meta["trained"], meta["skipped"]) == (
+            assert (meta["run_models"], meta["run_trained"], meta["run_skipped"]) == (
                 r.num_models,
                 trained,
                 skipped,
             )
-            assert meta["failed"] == 0
+            assert meta["run_failed"] == 0
     finally:
         instance.dispose()
 

@@ -66,7 +66,7 @@ def test_slurm_experiment_trains_its_partitions_as_job_arrays(
     )
     assert result.success
     training = metadata(result, "on_slurm", "model_outputs")
-    assert training["trained"] == 12 and training["failed"] == 0
+    assert training["run_trained"] == 12 and training["run_failed"] == 0
     with Store.open(home / "on_slurm" / "store") as store:
         assert store.completed_indices().tolist() == list(range(12))
         values = store.read("value")

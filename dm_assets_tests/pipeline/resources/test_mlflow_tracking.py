@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dm_assets.pipeline.resources.mlflow_tracking import FIT_DIR_TAG, MlflowTracking
+from dm_assets.pipeline.resources.mlflow_tracking import FIT_DIR_TAG, WEIGHTS_TAG, MlflowTracking
 from dm_assets.regression.path_metrics import STEP_METRIC_COLUMNS, step_metrics
 from dm_assets_tests.helpers import PNG_SIGNATURE, REPO_ROOT, cli_env, write_small_fit
 
+# what a run holds by default: the fit's small files and the plot, not its weights
 ARTIFACTS = [
     "config.yaml",
-    "datamodels.pt",
     "regularization_path.csv",
     "regularization_path.png",
     "summary.json",
@@ -107,24 +107,46 @@ def test_log_a_real_fit(tmp_path: Path, in_tmp_cwd: Path) -> None:
         assert run.data.metrics[f"final/{key}"] == pytest.approx(value, rel=1e-12), key
     assert "final/solver" not in run.data.metrics
 
-    # artifacts: the fit's four files unchanged, and the plot
+    # artifacts: the fit's small files unchanged, and the plot; the weights stay in the fit
+    # folder, referenced by a tag and a param (copied only with log_weights=True)
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ARTIFACTS
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "download")))
-    for name in ARTIFACTS[:3] + ARTIFACTS[4:]:
+    for name in ("config.yaml", "regularization_path.csv", "summary.json"):
         assert (local / name).read_bytes() == (fit_dir / name).read_bytes(), name
     assert (local / "regularization_path.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert sorted(p.name for p in fit_dir.iterdir()) == sorted(set(ARTIFACTS) - {ARTIFACTS[3]})
+    assert sorted(p.name for p in fit_dir.iterdir()) == sorted(
+        {"config.yaml", "datamodels.pt", "regularization_path.csv", "summary.json"}
+    )
+    assert not (local / "datamodels.pt").exists()
 
-    # tags: the caller's and the fit directory
+    # tags: the caller's, the fit directory and its weights; the fit directory as a param too
     for key, value in tags.items():
         assert run.data.tags[key] == value
     assert run.data.tags[FIT_DIR_TAG] == str(fit_dir.resolve())
+    assert run.data.tags[WEIGHTS_TAG] == str(fit_dir.resolve() / "datamodels.pt")
+    assert params[FIT_DIR_TAG] == str(fit_dir.resolve())
 
     # nothing in the working directory, global MLflow state untouched
     assert list(in_tmp_cwd.iterdir()) == []
     assert not Path("mlruns").exists() and not Path("mlflow.db").exists()
     assert mlflow.get_tracking_uri() == global_uri
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_log_weights_copies_the_weights(tmp_path: Path, in_tmp_cwd: Path) -> None:
+    from mlflow import MlflowClient
+
+    fit_dir = write_small_fit(tmp_path / "fit", n_targets=2, k=5)
+    tracking = MlflowTracking(home=str(tmp_path / "home"), log_weights=True)
+    run_id = tracking.log_regression(experiment="e", fit_dir=fit_dir, run_name="r", tags={})
+    assert run_id is not None
+    client = MlflowClient(tracking_uri=tracking.resolved_tracking_uri())
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == sorted(
+        [*ARTIFACTS, "datamodels.pt"]
+    )
+    local = Path(client.download_artifacts(run_id, "datamodels.pt", str(tmp_path / "dl")))
+    assert local.read_bytes() == (fit_dir / "datamodels.pt").read_bytes()
+    assert client.get_run(run_id).data.tags[WEIGHTS_TAG] == str(fit_dir.resolve() / "datamodels.pt")
 
 
 def test_disabled_logs_nothing(tmp_path: Path, in_tmp_cwd: Path) -> None:
@@ -278,3 +300,80 @@ def test_a_fit_with_a_manifest_logs_its_lineage(tmp_path: Path, in_tmp_cwd: Path
     assert FitFolder.open(fit_dir).manifest().mlflow_run_id == run_id
     logged = Path(run.info.artifact_uri.removeprefix("file://")) / MANIFEST_FILE
     assert json.loads(logged.read_text())["mlflow_run_id"] == run_id
+
+
+def test_the_run_spans_the_fit_and_describes_it(tmp_path: Path, in_tmp_cwd: Path) -> None:
+    import time
+
+    from mlflow import MlflowClient
+
+    fit_dir = write_small_fit(tmp_path / "fit", n_targets=3, k=5)
+    tracking = MlflowTracking(home=str(tmp_path / "home"))
+    client = MlflowClient(tracking_uri=tracking.resolved_tracking_uri())
+
+    # the caller says when the fit started: the run starts then, 19 s before it was logged
+    started = time.time() - 19.0
+    run_id = tracking.log_regression(
+        experiment="described",
+        fit_dir=fit_dir,
+        run_name="described-0",
+        tags={"dagster.run_id": "abc", "dagster.partition": ""},
+        started_at=started,
+    )
+    assert run_id is not None
+    run = client.get_run(run_id)
+    assert run.info.start_time == int(started * 1000)
+    assert run.info.end_time is not None and run.info.end_time - run.info.start_time >= 19_000
+    # no empty tag for a fit without a partition
+    assert run.data.tags["dagster.run_id"] == "abc"
+    assert "dagster.partition" not in run.data.tags
+    # the description: experiment, models, targets, fit folder
+    note = run.data.tags["mlflow.note.content"]
+    assert "described" in note and str(fit_dir.resolve()) in note
+    assert "600 training models" in note and "150 validation models" in note
+    assert "3 targets" in note
+
+    # without started_at the run starts when the fit folder says the fit started: the
+    # summary's mtime (written as the fit ends) less the fit's seconds
+    summary = json.loads((fit_dir / "summary.json").read_text())
+    ended = time.time() - 100.0
+    os.utime(fit_dir / "summary.json", (ended, ended))
+    again = tracking.log_regression(
+        experiment="described", fit_dir=fit_dir, run_name="described-1", tags={}
+    )
+    assert again is not None
+    start = client.get_run(again).info.start_time
+    assert abs(start - (ended - summary["seconds"]) * 1000) <= 1
+
+
+def test_run_links_open_the_run_in_the_mlflow_ui(tmp_path: Path, in_tmp_cwd: Path) -> None:
+    import dagster as dg
+    from mlflow import MlflowClient
+
+    from dm_assets.ui import MLFLOW_UI_URL, command
+
+    # the URL is the one `python -m dm_assets.ui mlflow` serves
+    served = command("mlflow", 5000)
+    host, port = served[served.index("--host") + 1], served[served.index("--port") + 1]
+    assert f"http://{host}:{port}" == MLFLOW_UI_URL
+
+    fit_dir = write_small_fit(tmp_path / "fit", n_targets=2, k=5)
+    tracking = MlflowTracking(home=str(tmp_path / "home"))
+    run_id = tracking.log_regression(
+        experiment="linked", fit_dir=fit_dir, run_name="linked-0", tags={}
+    )
+    assert run_id is not None
+    experiment_id = (
+        MlflowClient(tracking_uri=tracking.resolved_tracking_uri())
+        .get_run(run_id)
+        .info.experiment_id
+    )
+    links = tracking.run_links(run_id)
+    assert links["mlflow_run_id"] == dg.MetadataValue.text(run_id)
+    assert links["mlflow_run"] == dg.MetadataValue.url(
+        f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}/runs/{run_id}"
+    )
+    assert links["mlflow_ui"] == dg.MetadataValue.url(
+        f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}"
+    )
+    assert MlflowTracking(enabled=False).run_links(run_id) == {}
