@@ -80,7 +80,8 @@ def test_mlflow_ui_serves_the_regularization_path(tmp_path: Path) -> None:
         )
         listed = get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}")
         names = {f["path"] for f in listed["files"]}
-        assert {"regularization_path.png", "regularization_path.csv", "manifest.json"} <= names
+        assert {"regularization_path.png", "regularization_path.csv"} <= names
+        assert "datamodels.pt" not in names  # the weights stay in the fit folder
         with urllib.request.urlopen(
             f"{base}/get-artifact?path=regularization_path.png&run_uuid={run_id}", timeout=10
         ) as response:
