@@ -15,6 +15,7 @@ import time
 
 import dagster as dg
 
+from dm_assets.pipeline.assets.fit_steps import latest_fit
 from dm_assets.pipeline.assets.versions import (
     derived_data_version,
     recorded_data_version,
@@ -65,18 +66,14 @@ def attribution_assets(
         )
         from dm_assets.attribution.task import AttributionTaskError, load_attribution_task
         from dm_assets.evaluation.held_out import HeldOutError
-        from dm_assets.regression.fit import FitFolder, FitFolderError, attribution_scores_file
+        from dm_assets.regression.fit import FitFolderError, attribution_scores_file
         from dm_assets.training.configuration import normalize_args
 
         started = time.perf_counter()
         paths = experiment.paths(home.path or None)
-        try:
-            fit = FitFolder.open(paths.datamodels)
-        except FitFolderError as exc:
-            raise dg.Failure(
-                description=f"no datamodels at {paths.datamodels}: materialize "
-                f"{name}/datamodels and {name}/datamodel_eval first"
-            ) from exc
+        fit = latest_fit(
+            experiment, home.path, needs=f"{name}/datamodels and {name}/datamodel_eval"
+        )
         try:
             recorded = trainer_of_fit(fit.manifest())
         except FitFolderError as exc:

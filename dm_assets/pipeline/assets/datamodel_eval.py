@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 
 from dm_assets.evaluation.report import curve_markdown, score_lines, scores_markdown
+from dm_assets.pipeline.assets.fit_steps import latest_fit
 from dm_assets.pipeline.assets.versions import (
     derived_data_version,
     recorded_data_version,
@@ -64,17 +65,11 @@ def evaluation_assets(
         context: dg.AssetExecutionContext, home: HomeResource, tracking: MlflowTracking
     ):
         from dm_assets.evaluation.held_out import FitRows, HeldOutError, evaluate_fit
-        from dm_assets.regression.fit import EVALUATION_FILES, FitFolder, FitFolderError
+        from dm_assets.regression.fit import EVALUATION_FILES
 
         started = time.perf_counter()
         paths = experiment.paths(home.path or None)
-        try:
-            fit = FitFolder.open(paths.datamodels)
-        except FitFolderError as exc:
-            raise dg.Failure(
-                description=f"no datamodels at {paths.datamodels}: materialize "
-                f"{name}/datamodels first (job {name}_fit)"
-            ) from exc
+        fit = latest_fit(experiment, home.path, needs=f"{name}/datamodels (job {name}_fit)")
         config = regression.config(data_path=paths.beton, out_dir=fit.path)
         rows = FitRows.of(
             config, store=paths.store, x_name=regression.x_name, y_name=regression.y_name

@@ -83,6 +83,20 @@ def fit_on_a_device_slot(
     return run, time.perf_counter() - started
 
 
+def latest_fit(experiment: Experiment, home: str | None, *, needs: str) -> FitFolder:
+    """The experiment's latest fit (its ``datamodels`` link), or a :class:`dagster.Failure`
+    saying to materialize ``needs`` first (e.g. ``"<name>/datamodels"``)."""
+    from dm_assets.regression.fit import FitFolder, FitFolderError
+
+    paths = experiment.paths(home or None)
+    try:
+        return FitFolder.open(paths.datamodels)
+    except FitFolderError as exc:
+        raise dg.Failure(
+            description=f"no datamodels at {paths.datamodels}: materialize {needs} first"
+        ) from exc
+
+
 def record_mlflow_run(fit_dir: Path, run_id: str | None) -> None:
     """Record the MLflow run that logged the fit in ``fit_dir`` in its manifest (none: kept)."""
     from dm_assets.regression.fit import FitFolder
