@@ -25,9 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dm_assets.evaluation.metrics import Evaluation, predict
+from dm_assets.evaluation.uncertainty import (
+    HeldOutScores,
+    basic_interval,
+    bootstrap_lds,
+    score_held_out,
+)
 
 if TYPE_CHECKING:
-    from dm_assets.evaluation.uncertainty import HeldOutScores
     from dm_assets.regression.config import RegressionConfig
     from dm_assets.regression.cross_validation import CrossValidatedLasso
 
@@ -396,7 +401,6 @@ def lds_curve(
         Every problem with the shapes, ``sizes``, ``folds``, ``held_out`` or ``groups`` at once
         (sizes above the fitted models, below ``2 * folds``, not increasing).
     """
-    from dm_assets.evaluation.uncertainty import bootstrap_lds, score_held_out
     from dm_assets.regression.cross_validation import cross_validated_lasso, lasso_cv_options
 
     if fitted is None:
@@ -490,10 +494,6 @@ def _slopes(points: Sequence[CurvePoint], draws: np.ndarray | None) -> list[Curv
         gain = (b.lds - a.lds) / doublings
         ci = None
         if draws is not None:
-            resampled = (draws[i + 1] - draws[i]) / doublings
-            finite = resampled[np.isfinite(resampled)]
-            if finite.size and math.isfinite(gain):
-                q_lo, q_hi = np.quantile(finite, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-                ci = (float(2 * gain - q_hi), float(2 * gain - q_lo))
+            ci = basic_interval(gain, (draws[i + 1] - draws[i]) / doublings, LEVEL)
         slopes.append(CurveSlope(a.n_models, b.n_models, float(gain), ci))
     return slopes
