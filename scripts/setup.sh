@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-DEB_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev slurm-wlm munge)
+DEB_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev slurm-wlm munge chromium)
 
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
