@@ -336,15 +336,24 @@ class MlflowTracking(dg.ConfigurableResource):
         """The shell command that opens the MLflow UI on this store."""
         return (
             f"mlflow ui --backend-store-uri {shlex.quote(self.resolved_tracking_uri())} "
+            f"--artifacts-destination {shlex.quote(self.artifact_root().as_uri())} "
             f"--host 127.0.0.1 --port 5000"
         )
 
     def client(self) -> MlflowClient:
-        """An ``MlflowClient`` on this store (a fresh SQLite file is created and migrated)."""
+        """An ``MlflowClient`` on this store. A fresh SQLite file is created and migrated here,
+        with ``artifact_root()`` as its default artifact root, so MLflow's ``Default``
+        experiment keeps its artifacts in ``artifact_root() / "0"`` (not ``./mlruns`` in
+        whatever folder the first process happened to run in)."""
         from mlflow import MlflowClient
 
         uri = self.resolved_tracking_uri()
+        db = _sqlite_file(uri)
         with _store_init_lock(uri), _quiet_migrations():
+            if db is not None and not db.exists():
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                SqlAlchemyStore(uri, self.artifact_root().as_uri()).engine.dispose()
             return MlflowClient(tracking_uri=uri)
 
     def experiment_id(self, client: MlflowClient, experiment: str) -> str:

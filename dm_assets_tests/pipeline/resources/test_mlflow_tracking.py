@@ -47,8 +47,13 @@ def test_log_a_real_fit(tmp_path: Path, in_tmp_cwd: Path) -> None:
     tracking = MlflowTracking(home=str(home))
     assert tracking.resolved_tracking_uri() == f"sqlite:///{home / 'mlflow.db'}"
     assert tracking.ui_command() == (
-        f"mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1 --port 5000"
+        f"mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} "
+        f"--artifacts-destination {(home / 'mlflow-artifacts').as_uri()} "
+        "--host 127.0.0.1 --port 5000"
     )
+    default = tracking.client().get_experiment("0")
+    assert default.name == "Default"
+    assert default.artifact_location == (home / "mlflow-artifacts" / "0").as_uri()
     tags = {"dagster/run_id": "abc123", "dagster/asset_key": "datamodels", "partition": "0"}
 
     run_id = tracking.log_regression(
