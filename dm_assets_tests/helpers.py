@@ -14,14 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dagster as dg
 import numpy as np
 
-from dm_assets.pipeline.definitions import default_resources
 from dm_assets.regression.compute_datamodels import compute_datamodels, write_outputs
 from dm_assets.regression.config import load_config
 from dm_assets.regression.data import ArraySource
+
+if TYPE_CHECKING:  # dagster only where a test materializes: the `cuda` tests run without it
+    import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,6 +128,8 @@ def write_small_fit(out_dir: Path, *, n_targets: int = 4, k: int = 8, seed: int 
 
 
 def resources(home: Path) -> dict[str, dg.ConfigurableResource]:
+    from dm_assets.pipeline.definitions import default_resources
+
     found = default_resources(str(home))
     found["devices"] = found["devices"].model_copy(update={"cpu_slots": 2})
     trainer = found["trainer"]
