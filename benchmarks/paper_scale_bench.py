@@ -66,10 +66,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from dm_assets.regression.device_masks import (  # noqa: E402  (the repository on sys.path)
+from dm_assets.regression.bit_stats import int8_gram  # noqa: E402  (the repository on sys.path)
+from dm_assets.regression.device_masks import (  # noqa: E402
     SeededMasks,
     accumulate_mask_stats,
-    int8_gram,
 )
 from dm_assets.regression.gram import fit_gram  # noqa: E402
 from dm_assets.regression.stats import accumulate_stats  # noqa: E402

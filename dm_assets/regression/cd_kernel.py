@@ -190,3 +190,383 @@ def sparse_quadratic_forms(m: np.ndarray, w: np.ndarray) -> np.ndarray:
             total += w[k, i] * row
         out[k] = total
     return out
+
+
+# --- working sets: coordinate descent on a compact Gram matrix, with strong rules and KKT checks
+#
+# Per target the solver keeps a working set ``W`` of features (every nonzero weight, every
+# feature a strong rule or a KKT check admitted) and a compact copy ``G[W, W]`` of the Gram
+# matrix, so a coordinate update costs ``|W|`` instead of ``p`` and touches a matrix that
+# stays in cache. The full residual gradient ``r = c - G w`` is brought up to date only at a
+# KKT check: ``O(p)`` per weight that changed since the last one. A feature outside ``W``
+# whose ``|r_j|`` exceeds ``lam`` violates the optimality conditions and is admitted; the
+# solve ends when none does and the duality gap (the same one as the full solver's, with
+# ``max |r|`` over all ``p``) is at most ``tol * yy``. The strong rule (Tibshirani et al.,
+# 2012) admits, when lambda moves from ``lam_prev`` to ``lam``, the features with
+# ``|r_j| >= 2 lam - lam_prev``: most of those that will enter, so few KKT rounds are needed.
+# The working set only grows along a path (its compact matrix is reused from one lambda to
+# the next) and starts from the warm start's nonzeros.
+
+
+@numba.njit(cache=True, nogil=True)
+def _admit(
+    g: np.ndarray,
+    vg: np.ndarray,
+    j: int,
+    ws: np.ndarray,
+    size: int,
+    ws_g: np.ndarray,
+    ws_vg: np.ndarray,
+    in_ws: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Append feature ``j`` to the working set ``ws[:size]``: its row and column of
+    ``G[W, W]`` (and of the validation matrix ``vg[W, W]`` when ``vg`` has rows), growing the
+    compact matrices when full. Returns them and the new size."""
+    cap = ws_g.shape[0]
+    with_val = vg.shape[0] > 0
+    if size == cap:
+        new_cap = min(max(2 * cap, 16), g.shape[0])
+        grown = np.empty((new_cap, new_cap))
+        grown[:size, :size] = ws_g[:size, :size]
+        ws_g = grown
+        if with_val:
+            grown_v = np.empty((new_cap, new_cap))
+            grown_v[:size, :size] = ws_vg[:size, :size]
+            ws_vg = grown_v
+    ws[size] = j
+    in_ws[j] = True
+    row = g[j]
+    for b in range(size):
+        v = row[ws[b]]
+        ws_g[size, b] = v
+        ws_g[b, size] = v
+    ws_g[size, size] = row[j]
+    if with_val:
+        vrow = vg[j]
+        for b in range(size):
+            v = vrow[ws[b]]
+            ws_vg[size, b] = v
+            ws_vg[b, size] = v
+        ws_vg[size, size] = vrow[j]
+    return ws_g, ws_vg, size + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _ws_gap(
+    w: np.ndarray, r: np.ndarray, c: np.ndarray, size: int, yy: float, lam: float, rmax: float
+) -> float:
+    """The duality gap (module doc) from the working set's ``w``, ``r``, ``c`` (first ``size``
+    entries); ``rmax`` is a lower bound of ``max |r|`` from outside the set (0 for none)."""
+    wc = 0.0
+    wr = 0.0
+    l1 = 0.0
+    for a in range(size):
+        wc += w[a] * c[a]
+        wr += w[a] * r[a]
+        l1 += abs(w[a])
+        if abs(r[a]) > rmax:
+            rmax = abs(r[a])
+    mse = max(yy - wc - wr, 0.0)
+    s = 1.0 if rmax <= lam else lam / rmax
+    return max(0.5 * (1.0 + s * s) * mse + lam * l1 - s * (yy - wc), 0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _solve_working_set(
+    g: np.ndarray,
+    vg: np.ndarray,
+    c: np.ndarray,
+    yy: float,
+    lam: float,
+    strong: float,
+    ws: np.ndarray,
+    size: int,
+    ws_g: np.ndarray,
+    ws_vg: np.ndarray,
+    in_ws: np.ndarray,
+    r: np.ndarray,
+    w_ws: np.ndarray,
+    r_ws: np.ndarray,
+    c_ws: np.ndarray,
+    w_synced: np.ndarray,
+    tol: float,
+    max_sweeps: int,
+) -> tuple[np.ndarray, np.ndarray, int, bool, int]:
+    """One target at one ``lam``, from the state left by the previous one (comment above).
+
+    ``r`` ``(p,)`` is ``c - G w`` for the weights ``w_synced``; ``w_ws``, ``r_ws``, ``c_ws``
+    are the working set's weights, residual gradient and ``c``. Features with
+    ``|r_j| >= strong`` are admitted first. Returns the compact matrices, the working set's
+    size, whether the gap reached ``tol * yy``, and the sweeps over the working set.
+    """
+    p = g.shape[0]
+    target = tol * max(yy, 1e-30)
+    for j in range(p):
+        if not in_ws[j] and abs(r[j]) >= strong:
+            ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
+            w_ws[size - 1], w_synced[size - 1] = 0.0, 0.0
+            r_ws[size - 1], c_ws[size - 1] = r[j], c[j]
+    sweeps = 0
+    converged = False
+    while True:
+        while sweeps < max_sweeps:
+            for a in range(size):
+                gaa = ws_g[a, a]
+                if gaa <= 0.0:
+                    continue
+                old = w_ws[a]
+                z = r_ws[a] + gaa * old
+                if z > lam:
+                    new = (z - lam) / gaa
+                elif z < -lam:
+                    new = (z + lam) / gaa
+                else:
+                    new = 0.0
+                delta = new - old
+                if delta != 0.0:
+                    w_ws[a] = new
+                    row = ws_g[a]
+                    for b in range(size):
+                        r_ws[b] -= delta * row[b]
+            sweeps += 1
+            if _ws_gap(w_ws, r_ws, c_ws, size, yy, lam, 0.0) <= target:
+                break
+        # the full residual gradient from the weights that changed since the last check
+        for a in range(size):
+            dw = w_ws[a] - w_synced[a]
+            if dw != 0.0:
+                row = g[ws[a]]
+                for j in range(p):
+                    r[j] -= dw * row[j]
+                w_synced[a] = w_ws[a]
+        for a in range(size):
+            r_ws[a] = r[ws[a]]
+        # KKT: a feature outside the working set must have |r_j| <= lam
+        violated = False
+        outside_max = 0.0
+        for j in range(p):
+            if not in_ws[j]:
+                if abs(r[j]) > lam:
+                    ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
+                    w_ws[size - 1], w_synced[size - 1] = 0.0, 0.0
+                    r_ws[size - 1], c_ws[size - 1] = r[j], c[j]
+                    violated = True
+                elif abs(r[j]) > outside_max:
+                    outside_max = abs(r[j])
+        if not violated and _ws_gap(w_ws, r_ws, c_ws, size, yy, lam, outside_max) <= target:
+            converged = True
+            break
+        if sweeps >= max_sweeps:
+            break
+    return ws_g, ws_vg, size, converged, sweeps
+
+
+@numba.njit(cache=True, nogil=True)
+def _start_state(
+    g: np.ndarray, vg: np.ndarray, c: np.ndarray, w0: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+    """A working set holding ``w0``'s nonzeros: ``(ws, ws_g, ws_vg, size, in_ws, r, w_ws)``
+    with ``r = c - G w0``; ``w_ws`` is also the synced copy's starting value."""
+    p = g.shape[0]
+    ws = np.empty(p, dtype=np.int64)
+    in_ws = np.zeros(p, dtype=np.bool_)
+    ws_g = np.empty((min(p, 64), min(p, 64)))
+    ws_vg = np.empty((min(p, 64), min(p, 64)) if vg.shape[0] > 0 else (0, 0))
+    r = c.copy()
+    w_ws = np.zeros(p)
+    size = 0
+    for j in range(p):
+        if w0[j] != 0.0:
+            ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
+            w_ws[size - 1] = w0[j]
+            row = g[j]
+            for i in range(p):
+                r[i] -= w0[j] * row[i]
+    return ws, ws_g, ws_vg, size, in_ws, r, w_ws
+
+
+@numba.njit(parallel=True, cache=True)
+def solve_columns_screened(
+    g: np.ndarray,
+    c: np.ndarray,
+    yy: np.ndarray,
+    lam: np.ndarray,
+    w: np.ndarray,
+    tol: float,
+    max_sweeps: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`solve_columns` with working sets and KKT checks (comment above): the same
+    problem, arguments, results and convergence test; the working set starts from each
+    column's warm-start nonzeros (no strong rule: there is no previous lambda)."""
+    a = c.shape[1]
+    converged = np.zeros(a, dtype=np.bool_)
+    sweeps = np.zeros(a, dtype=np.int64)
+    mse = np.zeros(a)
+    no_val = np.empty((0, 0))
+    for k in numba.prange(a):
+        ck = np.ascontiguousarray(c[:, k])
+        ws, ws_g, ws_vg, size, in_ws, r, w_ws = _start_state(g, no_val, ck, w[k])
+        p = g.shape[0]
+        w_synced = w_ws.copy()
+        r_ws = np.empty(p)
+        c_ws = np.empty(p)
+        for b in range(size):
+            r_ws[b] = r[ws[b]]
+            c_ws[b] = ck[ws[b]]
+        ws_g, ws_vg, size, ok, n = _solve_working_set(
+            g, no_val, ck, yy[k], lam[k], np.inf, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
+            r_ws, c_ws, w_synced, tol, max_sweeps,
+        )  # fmt: skip
+        w[k, :] = 0.0
+        total = yy[k]
+        for b in range(size):
+            w[k, ws[b]] = w_ws[b]
+            total -= w_ws[b] * (c_ws[b] + r_ws[b])
+        converged[k] = ok
+        sweeps[k] = n
+        mse[k] = max(total, 0.0)
+    return converged, sweeps, mse
+
+
+@numba.njit(parallel=True, cache=True)
+def solve_paths(
+    g: np.ndarray,
+    c: np.ndarray,
+    yy: np.ndarray,
+    lambdas: np.ndarray,
+    intercept_x: np.ndarray,
+    intercept_y: np.ndarray,
+    val_xtx: np.ndarray,
+    val_xty: np.ndarray,
+    val_sum_x: np.ndarray,
+    val_sum_y: np.ndarray,
+    val_sum_y2: np.ndarray,
+    val_n: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    min_lambdas: int,
+    patience: int,
+    tol: float,
+    max_sweeps: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every target's whole lambda path with working sets, scored on validation sums.
+
+    Per target and lambda ``lam_s`` of its row of ``lambdas``, the weights ``w`` minimize
+    ``(1/2) w^T G w - c^T w + lam_s ||w||_1`` (duality gap at most ``tol * yy``), warm-started
+    from the previous lambda, with the strong rule from it. The intercept is
+    ``b = intercept_y - intercept_x . w``, and the validation MSE of ``u = w * inv_std`` (the
+    weights on raw masks) and ``o = b - mean . u`` is, from the raw validation sums,
+    ``(sum_y2 - 2 u.xty - 2 o sum_y + u^T X^T X u + 2 o sum_x.u + n o^2) / n``. A target stops
+    when its validation MSE has not improved for ``patience`` lambdas once ``min_lambdas``
+    are done (the rule of :class:`~dm_assets.regression.path.PathTracker`), or at the end.
+    Targets run in parallel threads.
+
+    Parameters
+    ----------
+    g : float64 array, shape (p, p)
+        ``X_std^T X_std / n`` centered on the training rows, C-ordered.
+    c : float64 array, shape (a, p)
+        ``X_std^T (y - y_bar) / n`` per target, one a row.
+    yy : float64 array, shape (a,)
+        ``||y - y_bar||^2 / n`` per target.
+    lambdas : float64 array, shape (a, k)
+        Each target's decreasing grid.
+    intercept_x, intercept_y : float64 arrays, shapes (p,) and (a,)
+        The intercept's ``x_bar_std`` and ``y_bar`` (zeros without an intercept).
+    val_xtx, val_xty, val_sum_x, val_sum_y, val_sum_y2, val_n
+        The validation rows' raw sums: ``X^T X`` ``(p, p)``, ``X^T y`` ``(a, p)`` (one target
+        a row), ``X^T 1`` ``(p,)``, ``y^T 1`` and ``y^T y`` ``(a,)``, and their number.
+    mean, inv_std : float64 arrays, shape (p,)
+        The standardization: ``x_std = (x - mean) * inv_std``.
+    min_lambdas, patience : int
+        The early-stopping rule.
+    tol, max_sweeps : float, int
+        Convergence per lambda: gap at most ``tol * yy``, at most ``max_sweeps`` sweeps.
+
+    Returns
+    -------
+    best : float64 array, shape (a, p)
+        Each target's weights at its best validation step.
+    train_mse, val_mse : float64 arrays, shape (a, k)
+        Per step (NaN after the target stopped).
+    nonzeros, sweeps : int64 arrays, shape (a, k)
+        Per step (-1 and 0 after the target stopped).
+    converged : bool array, shape (a, k)
+        Per step (True after the target stopped).
+    """
+    a, p = c.shape
+    k = lambdas.shape[1]
+    best = np.zeros((a, p))
+    train_mse = np.full((a, k), np.nan)
+    val_mse = np.full((a, k), np.nan)
+    nonzeros = np.full((a, k), -1, dtype=np.int64)
+    sweeps = np.zeros((a, k), dtype=np.int64)
+    converged = np.ones((a, k), dtype=np.bool_)
+    for t in numba.prange(a):
+        ct = c[t]
+        ws, ws_g, ws_vg, size, in_ws, r, w_ws = _start_state(g, val_xtx, ct, np.zeros(p))
+        w_synced = np.zeros(p)
+        r_ws = np.empty(p)
+        c_ws = np.empty(p)
+        u = np.empty(p)
+        best_val = np.inf
+        since_best = 0
+        for s in range(k):
+            lam = lambdas[t, s]
+            strong = 2.0 * lam - lambdas[t, s - 1] if s > 0 else lam
+            ws_g, ws_vg, size, ok, n = _solve_working_set(
+                g, val_xtx, ct, yy[t], lam, strong, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
+                r_ws, c_ws, w_synced, tol, max_sweeps,
+            )  # fmt: skip
+            converged[t, s] = ok
+            sweeps[t, s] = n
+            # training MSE, intercept, and the validation MSE from the sums
+            fit = yy[t]
+            bias = intercept_y[t]
+            offset = 0.0
+            uxty = 0.0
+            usum = 0.0
+            nnz = 0
+            for b in range(size):
+                j = ws[b]
+                wb = w_ws[b]
+                fit -= wb * (c_ws[b] + r_ws[b])
+                bias -= intercept_x[j] * wb
+                u[b] = wb * inv_std[j]
+                offset -= mean[j] * u[b]
+                uxty += u[b] * val_xty[t, j]
+                usum += u[b] * val_sum_x[j]
+                if wb != 0.0:
+                    nnz += 1
+            offset += bias
+            quad = 0.0
+            for b in range(size):
+                if u[b] != 0.0:
+                    row = ws_vg[b]
+                    inner = 0.0
+                    for e in range(size):
+                        inner += row[e] * u[e]
+                    quad += u[b] * inner
+            total = (
+                val_sum_y2[t]
+                - 2.0 * uxty
+                - 2.0 * offset * val_sum_y[t]
+                + quad
+                + 2.0 * offset * usum
+                + val_n * offset * offset
+            )
+            vm = max(total / val_n, 0.0)
+            train_mse[t, s] = max(fit, 0.0)
+            val_mse[t, s] = vm
+            nonzeros[t, s] = nnz
+            if vm < best_val:
+                best_val = vm
+                since_best = 0
+                best[t, :] = 0.0
+                for b in range(size):
+                    best[t, ws[b]] = w_ws[b]
+            else:
+                since_best += 1
+            if since_best >= patience and s + 1 >= min_lambdas:
+                break
+    return best, train_mse, val_mse, nonzeros, sweeps, converged

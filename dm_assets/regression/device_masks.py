@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from dm_assets.regression.bit_stats import int8_gram
 from dm_assets.regression.data import Batch, RowSource
 from dm_assets.regression.stats import SufficientStats
 
@@ -221,30 +222,6 @@ class SeededMasks:
             yield x, self.targets(part, x), torch.from_numpy(part).to(device)
 
 
-def _pad8(n: int, least: int = 8) -> int:
-    """``n`` rounded up to a multiple of 8, at least ``least`` (int8 matrix products need it)."""
-    return max(least, -(-n // 8) * 8)
-
-
-def int8_gram(x: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` int32 ``(p, p)`` of 0/1 ``x`` ``(b, p)`` (any dtype), exact, by one int8
-    product with int32 accumulation (``torch._int_mm``: the tensor cores' integer path on CUDA).
-    ``x`` is padded with zero rows and columns to the shapes that product needs."""
-    b, p = x.shape
-    bp, pp = _pad8(b), _pad8(p, least=24)
-    if (bp, pp) == (b, p):
-        xi = x.to(torch.int8)
-    else:
-        xi = torch.zeros(bp, pp, dtype=torch.int8, device=x.device)
-        xi[:b, :p] = x
-    xt = xi.t().contiguous()
-    try:
-        product = torch._int_mm(xt, xi)
-    except RuntimeError:  # some cuBLAS versions take the right operand column-major only
-        product = torch._int_mm(xt, xt.t())
-    return product[:p, :p]
-
-
 def accumulate_mask_stats(
     source: RowSource,
     rows: Sequence[int] | np.ndarray,
@@ -321,4 +298,4 @@ def accumulate_mask_stats(
     )
 
 
-__all__ = ["SeededMasks", "accumulate_mask_stats", "int8_gram", "mix32"]
+__all__ = ["SeededMasks", "accumulate_mask_stats", "mix32"]

@@ -24,10 +24,15 @@ import time
 import warnings
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 import torch
 
-from dm_assets.regression.cd_kernel import solve_columns, sparse_quadratic_forms
+from dm_assets.regression.cd_kernel import (
+    solve_columns_screened,
+    solve_paths,
+    sparse_quadratic_forms,
+)
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.path import LassoPathResult, PathTracker, Standardization, lambda_grid
 from dm_assets.regression.stats import CenteredProblem, SufficientStats, accumulate_stats
@@ -169,7 +174,9 @@ class _Engine:
     """Solves one lambda step for a set of targets on one ``(G, c, yy)`` problem.
 
     ``fista``: torch on any device (dense ``G @ W`` products: what a GPU is for). ``cd``:
-    compiled coordinate descent on the CPU (touches only what changes).
+    compiled coordinate descent on the CPU with working sets and KKT checks
+    (:func:`~dm_assets.regression.cd_kernel.solve_columns_screened`); along a path ``cd`` runs
+    :func:`~dm_assets.regression.cd_kernel.solve_paths` instead (:func:`_solve_path_cd`).
     """
 
     def __init__(
@@ -199,7 +206,7 @@ class _Engine:
         if self.name == "cd":
             idx = ids.cpu().numpy()
             w = np.ascontiguousarray(w0.T.cpu().numpy(), dtype=np.float64)
-            converged, sweeps, mse = solve_columns(
+            converged, sweeps, mse = solve_columns_screened(
                 self.gram_np,
                 np.ascontiguousarray(self.c_np[:, idx]),
                 self.yy_np[idx],
@@ -318,9 +325,10 @@ def fit_gram(
     Returns
     -------
     LassoPathResult
-        ``solver="gram"``; its ``info`` holds ``stats_seconds`` and ``iterations`` (FISTA
-        iterations or CD sweeps of the slowest target, summed over the lambdas and the
-        refit).
+        ``solver="gram"``; its ``info`` holds ``stats_seconds`` (both passes of statistics),
+        ``path_seconds`` (every path with its validation scores), ``refit_seconds`` and
+        ``iterations`` (FISTA iterations or CD sweeps of the slowest target, summed over the
+        lambdas and the refit).
 
     Raises
     ------
@@ -340,13 +348,25 @@ def fit_gram(
     lam_max = problem.lambda_max()
     # each target's path; the tracker keeps each target's best lambda on validation
     tracker = PathTracker(lambda_grid(lam_max, k, eps), min_lambdas=min_lambdas, patience=patience)
-    solver = _Engine(engine, problem, dtype, tol, max_iter)
-    best, iterations = _solve_path(solver, problem, val, standardization, tracker, device=device)
+    path_start = time.perf_counter()
+    if engine == "cd":
+        best, iterations = _solve_path_cd(
+            problem, val, standardization, tracker, tol=tol, max_sweeps=max_iter
+        )
+    else:
+        solver = _Engine(engine, problem, dtype, tol, max_iter)
+        best, iterations = _solve_path(
+            solver, problem, val, standardization, tracker, device=device
+        )
+    path_seconds = time.perf_counter() - path_start
     final_problem = problem
+    refit_start = time.perf_counter()
     if refit:  # at the chosen lambdas, on train + validation
         final_problem = (train + val).centered(standardization, fit_intercept=use_bias)
-        best, its = _refit(solver, final_problem, tracker.chosen_lambda.to(device), best)
+        refitter = _Engine(engine, final_problem, dtype, tol, max_iter)
+        best, its = _refit(refitter, final_problem, tracker.chosen_lambda.to(device), best)
         iterations += its
+    refit_seconds = time.perf_counter() - refit_start
     result = LassoPathResult.from_tracker(
         tracker,
         weight=best,
@@ -359,7 +379,12 @@ def fit_gram(
         refit=refit,
     )
     result.seconds = time.perf_counter() - start
-    result.info = {"stats_seconds": stats_seconds, "iterations": float(iterations)}
+    result.info = {
+        "stats_seconds": stats_seconds,
+        "path_seconds": path_seconds,
+        "refit_seconds": refit_seconds,
+        "iterations": float(iterations),
+    }
     logger.info(
         "gram (%s): %d targets, %d features, %.2f s (statistics %.2f s)",
         engine,
@@ -452,21 +477,87 @@ def _solve_path(
 
 
 def _refit(
-    solver: _Engine, problem: CenteredProblem, lam: torch.Tensor, best: torch.Tensor
+    refitter: _Engine, problem: CenteredProblem, lam: torch.Tensor, best: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Every target solved once more at its chosen lambda ``lam`` ``(t,)`` on ``problem``
-    (train + validation), with ``solver``'s engine and settings, warm-started from ``best``
-    float64 ``(p, t)``. Returns the float64 ``(p, t)`` weights and the iterations or sweeps
-    of the slowest target; warns :class:`GramConvergenceWarning` when some target did not
-    converge."""
+    """Every target solved once more at its chosen lambda ``lam`` ``(t,)`` by ``refitter``
+    (built on ``problem``: train + validation), warm-started from ``best`` float64 ``(p, t)``.
+    Returns the float64 ``(p, t)`` weights and the iterations or sweeps of the slowest target;
+    warns :class:`GramConvergenceWarning` when some target did not converge."""
     everyone = torch.arange(problem.c.shape[1], device=best.device)
-    refitter = _Engine(solver.name, problem, solver.dtype, solver.tol, solver.max_iter)
     best, converged, its, _ = refitter.solve(everyone, lam, best)
     best = best.to(torch.float64)
     if not bool(converged.all()):
         warnings.warn(
-            f"the refit of {int((~converged).sum())} targets stopped at max_iter={solver.max_iter}",
+            f"the refit of {int((~converged).sum())} targets stopped at "
+            f"max_iter={refitter.max_iter}",
             GramConvergenceWarning,
             stacklevel=3,  # the caller of fit_gram
         )
     return best, its
+
+
+def _solve_path_cd(
+    problem: CenteredProblem,
+    val: SufficientStats,
+    standardization: Standardization,
+    tracker: PathTracker,
+    *,
+    tol: float,
+    max_sweeps: int,
+) -> tuple[torch.Tensor, int]:
+    """:func:`_solve_path` for the ``cd`` engine: every target's whole path in one compiled
+    call (:func:`~dm_assets.regression.cd_kernel.solve_paths`: working sets kept from one
+    lambda to the next, strong rules, KKT checks, validation MSE from ``val``'s sums and the
+    tracker's early-stopping rule), then the path tables recorded into ``tracker`` step by
+    step. Returns the float64 ``(p, t)`` weights at each target's best step, on the CPU, and
+    the sweeps of the slowest target summed over the steps; warns like :func:`_solve_path`.
+    """
+    if problem.gram is None or val.xtx is None:
+        raise ValueError("the gram solver needs X^T X (accumulate_stats(gram=True))")
+
+    def f64(x: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+
+    # targets differ in cost: hand them to the threads one at a time
+    with numba.parallel_chunksize(1):
+        best, train_mse, val_mse, nonzeros, sweeps, converged = solve_paths(
+            f64(problem.gram),
+            f64(problem.c.T),
+            f64(problem.yy),
+            f64(tracker.lambdas),
+            f64(problem.x_bar_std),
+            f64(problem.y_bar),
+            f64(val.xtx),
+            f64(val.xty.T),
+            f64(val.sum_x),
+            f64(val.sum_y),
+            f64(val.sum_y2),
+            val.n,
+            f64(standardization.mean),
+            f64(1.0 / standardization.std),
+            tracker.min_lambdas,
+            tracker.patience,
+            tol,
+            max_sweeps,
+        )
+    for step in range(tracker.k):
+        ids = torch.nonzero(tracker.active)[:, 0]
+        if ids.numel() == 0:
+            break
+        rows = ids.numpy()
+        tracker.record(
+            step,
+            ids,
+            torch.from_numpy(train_mse[rows, step]),
+            torch.from_numpy(val_mse[rows, step]),
+            torch.from_numpy(nonzeros[rows, step]),
+        )
+    unconverged = int((~converged).sum())
+    if unconverged:
+        warnings.warn(
+            f"{unconverged} (target, lambda) solves stopped at max_iter={max_sweeps} "
+            f"before the duality gap reached tol={tol}: raise max_iter, or loosen tol",
+            GramConvergenceWarning,
+            stacklevel=3,  # the caller of fit_gram
+        )
+    return torch.from_numpy(best.T.copy()), int(sweeps.max(axis=0).sum())

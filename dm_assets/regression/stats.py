@@ -2,9 +2,11 @@
 
 For masks ``X`` (``n x p``, 0/1) and targets ``Y`` (``n x t``) the LASSO path of every target
 depends only on ``n``, ``X^T 1``, ``X^T X``, ``Y^T 1``, ``X^T Y`` and the per-target ``y^T y``.
-They are accumulated in float64 across batches from float32 products within a batch: ``X^T X``
-of 0/1 values is exact in float32 for batches of fewer than 2^24 rows, and ``X^T y`` is a sum
-of at most ``batch_size`` terms per entry (relative error about ``1e-7``).
+They are accumulated in float64 across batches from float32 products within a batch; ``X^T y``
+is a sum of at most ``batch_size`` terms per entry (relative error about ``1e-7``). ``X^T X`` of
+0/1 masks is counted exactly in integers: from bit-packed columns on the CPU, by an int8 matrix
+product on CUDA (:mod:`dm_assets.regression.bit_stats`). Masks with other values fall back to
+float32 products (exact for 0/1 values in batches under 2^24 rows, approximate otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dm_assets.regression.bit_stats import PackedGram, int8_gram, is_binary
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.path import Standardization
 
@@ -154,17 +157,36 @@ def accumulate_stats(
     sum_x, sum_x2, sum_y, sum_y2 = zeros(p), zeros(p), zeros(t), zeros(t)
     xty = zeros(p, t)
     xtx = zeros(p, p) if gram else None
+    # 0/1 masks on the CPU: counted from bit-packed columns until a batch is not 0/1
+    # (the packing buffer: at most 64 MiB, 64 * chunk_words rows per count)
+    chunk_words = max(16, min(512, (1 << 23) // max(p, 1)))
+    packed = PackedGram(p, chunk_words=chunk_words) if gram and device.type == "cpu" else None
     n = 0
     for x, y, _ in source.batches(rows, batch_size, device=device):
         n += int(x.shape[0])
-        sum_x += x.sum(0).to(torch.float64)
-        sum_x2 += (x * x).sum(0).to(torch.float64)
-        sum_y += y.to(torch.float64).sum(0)
-        sum_y2 += y.to(torch.float64).square().sum(0)
-        # float32 products within a batch (exact for 0/1 masks), float64 across batches
+        binary = is_binary(x)
+        column_sums = x.sum(0).to(torch.float64)
+        sum_x += column_sums
+        sum_x2 += column_sums if binary else (x * x).sum(0).to(torch.float64)
+        y64 = y.to(torch.float64)
+        sum_y += y64.sum(0)
+        sum_y2 += y64.square().sum(0)
+        # float32 products within a batch, float64 across batches
         xty += (x.T @ y).to(torch.float64)
-        if xtx is not None:
+        if xtx is None:
+            continue
+        if packed is not None and binary:
+            packed.add(x.numpy())
+            continue
+        if packed is not None:  # the first batch that is not 0/1: the counts so far, then floats
+            xtx += torch.from_numpy(packed.result()).to(torch.float64)
+            packed = None
+        if binary and device.type == "cuda":  # int8 tensor cores, exact int32 sums
+            xtx += int8_gram(x).to(torch.float64)
+        else:
             xtx += (x.T @ x).to(torch.float64)
     if n == 0:
         raise ValueError("no rows to accumulate statistics over")
+    if packed is not None and xtx is not None:
+        xtx += torch.from_numpy(packed.result()).to(torch.float64)
     return SufficientStats(n, sum_x, sum_x2, sum_y, sum_y2, xty, xtx)

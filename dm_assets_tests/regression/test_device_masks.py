@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dm_assets.regression.bit_stats import int8_gram
 from dm_assets.regression.data import ArraySource, RowSource
 from dm_assets.regression.device_masks import (
     SeededMasks,
     accumulate_mask_stats,
-    int8_gram,
     mix32,
 )
 from dm_assets.regression.gram import fit_gram
