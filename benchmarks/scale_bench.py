@@ -1,9 +1,14 @@
-"""Benchmark: the pipeline at the paper's scale (300,000 models), measured.
+"""Benchmark: the pipeline at the paper's scale (300,000 models), and the dataset's write, measured.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/scale_bench.py [--parts orchestration,store]
+    .venv/bin/python benchmarks/scale_bench.py [--parts orchestration,store,small]
         [--runs-seconds 300] [--rows 5000] [--out benchmarks/results/scale.json]
+
+``--parts store,small`` (the dataset's numbers) takes about 2 minutes on a quiet 2-core machine,
+most of it the FFCV reference's processes (each imports FFCV, seconds of numba compilation);
+``orchestration`` about 6 minutes. The parts not run keep their earlier results in the output
+file; each part records its machine and load (``<part>_run``).
 
 1. ``orchestration``: a 300,000-model experiment with the no-op trainer
    (``dm_assets/examples/noop``) in blocks of ``--block`` (100: 3,000 partitions), grouped
@@ -17,12 +22,32 @@ Run from the repository root::
    under ``DAGSTER_HOME``) after the runs, and its growth per run.
 2. ``store``: a store of 300,000 x 50,000 bool ``masks`` + 300,000 x 10,000 float16 ``margins``
    (``Store.initialize``: sparse, about 21 GB apparent), ``--rows`` consecutive rows written with
-   ``Store.write_rows`` (groups of 100), then
-   :func:`dm_assets.regression.beton_writer.write_beton` of
-   those completed rows against a raw sequential read of the same bytes from the ``.npy``
-   files (chunks of 64 MiB), each from a cold page cache (``posix_fadvise(DONTNEED)`` on the
-   store's files first) and again warm. Reported: MB/s of store bytes read for each, the ratio,
-   the rows/s of the writes and the disk usage (allocated blocks) of the store and the beton.
+   ``Store.write_rows`` (groups of 100), then, side by side, from a cold page cache
+   (``posix_fadvise(DONTNEED)`` on the store's files first) and again warm:
+
+   - ``raw``: a sequential read of the rows' bytes from the ``.npy`` files (``readinto`` in
+     chunks of 64 MiB), the reference of the goal (write the dataset at half this bandwidth or
+     better);
+   - ``write_beton``: :func:`dm_assets.regression.beton_writer.write_beton` of those rows
+     (its defaults: threads = CPU count, fsynced);
+   - ``ffcv``: FFCV 1.0.2's own ``DatasetWriter`` at its defaults (a process per CPU, pages of
+     8 MiB; FFCV and its numba compilation imported and warmed up on a tiny dataset first, not
+     timed) writing the same rows, fsynced, what ``write_beton`` ran before it wrote the format
+     itself.
+
+   And once, the floor of any writer that persists the dataset, ``write_only``: the dataset's
+   bytes written from memory to a new file and fsynced, ``plain`` (64 MiB writes, then
+   ``fsync``) and ``overlapped`` (4 MiB writes, each followed by ``sync_file_range`` so that
+   the disk writes meanwhile, as ``write_beton`` does). Reported: MB/s of store bytes for
+   each, ``ratio_beton_to_raw`` (the goal: at least 0.5), ``ratio_ffcv_to_raw``,
+   ``ratio_write_only_to_raw`` (the best any persisting writer can reach: it bounds the
+   goal), the rows/s of the store's writes and the disk usage of the store and the dataset.
+3. ``small``: the cost of a whole ``python -m dm_assets.regression.write_dataset`` process
+   (start-up, imports, checks, write, fsync) on stores of the shipped experiments' shapes
+   (``minimal``: 300 x 60 bool + 4 float16; ``digits``: 5,000 x 1,000 bool + 797 float32) and
+   one near 100 MB (12,000 x 2,000 bool + 1,500 float16), against a fresh process running
+   FFCV's ``DatasetWriter`` at its defaults on the same rows (importing FFCV, as the former
+   writer did). Median of 3 process wall times each; the files' sizes.
 """
 
 from __future__ import annotations
@@ -30,6 +55,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,10 +234,83 @@ def raw_read(paths_ranges: list[tuple[Path, int, int]], chunk: int = 64 << 20) -
     return total
 
 
+class _StoreRows:
+    """The store's rows ``indices`` as FFCV's writer asks for them (item ``i``: mask, float32
+    targets, model index); each writer process maps the files itself."""
+
+    def __init__(self, store: Path, indices: list[int]) -> None:
+        self.store, self.indices = store, indices
+        self._x = self._y = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_x": None, "_y": None}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[object, object, int]:
+        import numpy as np
+
+        if self._x is None:
+            self._x = np.load(self.store / "masks.npy", mmap_mode="r")
+            self._y = np.load(self.store / "margins.npy", mmap_mode="r")
+        m = self.indices[i]
+        return (
+            np.ascontiguousarray(self._x[m]),
+            np.asarray(self._y[m]).reshape(-1).astype(np.float32),
+            m,
+        )
+
+
+def ffcv_write(store: Path, out: Path, n_rows: int) -> None:
+    """FFCV's own DatasetWriter at its defaults on the store's first ``n_rows`` rows, fsynced."""
+    import numpy as np
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    from dm_assets.store.store import fsync_path
+
+    x = np.load(store / "masks.npy", mmap_mode="r")
+    y = np.load(store / "margins.npy", mmap_mode="r")
+    fields = {
+        "mask": NDArrayField(dtype=x.dtype, shape=(x.shape[1],)),
+        "targets": NDArrayField(dtype=np.dtype(np.float32), shape=(int(np.prod(y.shape[1:])),)),
+        "idx": IntField(),
+    }
+    DatasetWriter(str(out), fields).from_indexed_dataset(_StoreRows(store, list(range(n_rows))))
+    fsync_path(out)
+
+
+def make_store(path: Path, n: int, p: int, t: int, y_dtype: str) -> None:
+    import numpy as np
+
+    from dm_assets.store.spec import Spec
+    from dm_assets.store.store import Store
+
+    spec = Spec.from_dict(
+        {
+            "num_models": n,
+            "schema": {
+                "masks": {"shape": [p], "dtype": "bool_"},
+                "margins": {"shape": [t], "dtype": y_dtype},
+            },
+        }
+    )
+    rng = np.random.default_rng(0)
+    masks = rng.random((100, p)) < 0.5
+    margins = rng.standard_normal((100, t)).astype(y_dtype)
+    with Store.initialize(path, spec) as store:
+        for first in range(0, n, 100):
+            batch = range(first, min(first + 100, n))
+            store.write_rows(
+                [(i, {"masks": masks[i % 100], "margins": margins[i % 100]}) for i in batch]
+            )
+
+
 def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     import numpy as np
 
-    from dm_assets.regression.beton_writer import write_beton
+    from dm_assets.regression.beton_writer import _start_writeback, write_beton
     from dm_assets.store.spec import Spec
     from dm_assets.store.store import Store, read_npy_layout
 
@@ -251,15 +352,18 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     store_bytes = sum(stop - start for _, start, stop in ranges)
     files = [path / "masks.npy", path / "margins.npy", path / "_completed.npy"]
 
-    # warm-up: import FFCV and compile what it compiles on a tiny store (not timed)
+    # warm-up, not timed: FFCV imported and its numba code compiled on a tiny store, and ours
     tiny = Spec.from_dict({**spec.to_dict(), "num_models": 4})
     with Store.initialize(work / "tiny", tiny) as store:
         store.write_rows([(i, {"masks": masks[i], "margins": margins[i]}) for i in range(4)])
     write_beton(work / "tiny", work / "tiny.beton")
+    ffcv_write(work / "tiny", work / "tiny_ffcv.beton", 4)
 
     measured: dict[str, dict[str, float]] = {}
-    beton = work / "data.beton"
+    beton, ffcv_beton = work / "data.beton", work / "ffcv.beton"
     for cache in ("cold", "warm"):
+        for out in (beton, ffcv_beton):
+            out.unlink(missing_ok=True)
         if cache == "cold":
             drop_cache(files)
         t = time.perf_counter()
@@ -268,25 +372,55 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
         assert got == store_bytes
         if cache == "cold":
             drop_cache(files)
-        if beton.exists():
-            beton.unlink()
         t = time.perf_counter()
         summary = write_beton(path, beton)
         beton_seconds = time.perf_counter() - t
         assert summary.rows == rows and (summary.idx_min, summary.idx_max) == (0, rows - 1)
+        if cache == "cold":
+            drop_cache(files)
+        t = time.perf_counter()
+        ffcv_write(path, ffcv_beton, rows)
+        ffcv_seconds = time.perf_counter() - t
         measured[cache] = {
             "raw_read_seconds": raw_seconds,
             "raw_read_MB_per_s": store_bytes / MB / raw_seconds,
             "write_beton_seconds": beton_seconds,
             "write_beton_MB_per_s": store_bytes / MB / beton_seconds,
             "ratio_beton_to_raw": raw_seconds / beton_seconds,
+            "ffcv_seconds": ffcv_seconds,
+            "ffcv_MB_per_s": store_bytes / MB / ffcv_seconds,
+            "ratio_ffcv_to_raw": raw_seconds / ffcv_seconds,
             "beton_bytes": summary.nbytes,
+            "ffcv_beton_bytes": ffcv_beton.stat().st_size,
             "load_1min": os.getloadavg()[0],
         }
         print(
-            f"  {cache}: raw read {raw_seconds:.2f} s, write_beton {beton_seconds:.2f} s",
+            f"  {cache}: raw read {raw_seconds:.2f} s, write_beton {beton_seconds:.2f} s, "
+            f"FFCV's writer {ffcv_seconds:.2f} s",
             flush=True,
         )
+    # the floor of any writer that persists the dataset: its bytes, from memory, fsynced;
+    # plainly (64 MiB writes, then fsync) and with the disk writing while the rest is written
+    # (4 MiB writes, each followed by sync_file_range, as write_beton does)
+    data = beton.read_bytes()
+    floors = {}
+    for name, chunk, overlap in (("plain", 64 << 20, False), ("overlapped", 4 << 20, True)):
+        floor_file = work / f"floor_{name}.bin"
+        t = time.perf_counter()
+        fd = os.open(floor_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            offset = 0
+            while offset < len(data):
+                n = os.pwrite(fd, memoryview(data)[offset : offset + chunk], offset)
+                if overlap:
+                    _start_writeback(fd, offset, n)
+                offset += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        floors[name] = time.perf_counter() - t
+        floor_file.unlink()
+    del data
     return {
         "models": MODELS,
         "n_features": n_features,
@@ -300,14 +434,107 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "store_after_initialize": after_init,
         "store_after_writes": after_write,
         "beton_allocated_bytes": allocated_bytes(beton),
-        "beton_workers": "default (CPU count, at most 8)",
+        "beton_workers": "default (threads: CPU count, at most 8)",
+        "write_only_seconds": floors,
+        "write_only_MB_per_s_of_store_bytes": {k: store_bytes / MB / v for k, v in floors.items()},
+        "ratio_write_only_to_raw": {
+            cache: {k: m["raw_read_seconds"] / v for k, v in floors.items()}
+            for cache, m in measured.items()
+        },
         "read": measured,
+    }
+
+
+SMALL_SHAPES = {
+    # name: (models, mask values, targets, targets dtype)
+    "minimal": (300, 60, 4, "float16"),
+    "digits": (5_000, 1_000, 797, "float32"),
+    "near_100MB": (12_000, 2_000, 1_500, "float16"),
+}
+
+_FFCV_PROCESS = """
+import sys
+sys.path.insert(0, {bench!r})
+from pathlib import Path
+from scale_bench import ffcv_write
+ffcv_write(Path({store!r}), Path({out!r}), {rows})
+"""
+
+
+def timed_process(argv: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=REPO, capture_output=True)
+    return time.perf_counter() - t
+
+
+def small_datasets(work: Path, repeats: int = 3) -> dict[str, object]:
+    """Whole ``write_dataset`` processes against fresh FFCV-writer processes (module doc)."""
+    python = sys.executable
+    results: dict[str, object] = {}
+    for name, (n, p, t, y_dtype) in SMALL_SHAPES.items():
+        store = work / name
+        make_store(store, n, p, t, y_dtype)
+        store_bytes = allocated_bytes(store / "masks.npy") + allocated_bytes(store / "margins.npy")
+        ours, theirs = [], []
+        for i in range(repeats):
+            out = work / f"{name}_{i}.beton"
+            ours.append(
+                timed_process(
+                    [
+                        python,
+                        "-m",
+                        "dm_assets.regression.write_dataset",
+                        f"--cfg.data_dir={store}",
+                        f"--cfg.out_path={out}",
+                    ]
+                )
+            )
+            ffcv_out = work / f"{name}_{i}_ffcv.beton"
+            code = _FFCV_PROCESS.format(
+                bench=str(REPO / "benchmarks"), store=str(store), out=str(ffcv_out), rows=n
+            )
+            theirs.append(timed_process([python, "-c", code]))
+        results[name] = {
+            "models": n,
+            "mask_values": p,
+            "targets": t,
+            "targets_dtype": y_dtype,
+            "store_bytes_of_rows_allocated": store_bytes,
+            "write_dataset_process_seconds": ours,
+            "ffcv_process_seconds": theirs,
+            "median_write_dataset_seconds": statistics.median(ours),
+            "median_ffcv_seconds": statistics.median(theirs),
+            "ratio_ffcv_to_ours": statistics.median(theirs) / statistics.median(ours),
+            "beton_bytes": (work / f"{name}_0.beton").stat().st_size,
+            "ffcv_beton_bytes": (work / f"{name}_0_ffcv.beton").stat().st_size,
+            "load_1min": os.getloadavg()[0],
+        }
+        r = results[name]
+        print(
+            f"  {name}: write_dataset {r['median_write_dataset_seconds']:.2f} s "
+            f"({r['beton_bytes']:,} bytes), FFCV's writer {r['median_ffcv_seconds']:.2f} s "
+            f"({r['ffcv_beton_bytes']:,} bytes)",
+            flush=True,
+        )
+    return results
+
+
+def machine() -> dict[str, object]:
+    import numpy
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "load": os.getloadavg(),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="orchestration,store")
+    parser.add_argument("--parts", default="orchestration,store,small")
     parser.add_argument("--block", type=int, default=100)
     parser.add_argument("--partitions-per-run", type=int, default=20)
     parser.add_argument("--runs-seconds", type=float, default=300.0)
@@ -315,33 +542,47 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/scale.json"))
     args = parser.parse_args()
     parts = args.parts.split(",")
+    unknown = set(parts) - {"orchestration", "store", "small"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}: choose from orchestration, store, small")
+    out_path = Path(args.out)
+    # the parts not run keep their earlier results
+    out: dict[str, object] = json.loads(out_path.read_text()) if out_path.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="scale_bench_"))
-    out: dict[str, object] = {
-        "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
-        "load_before": os.getloadavg(),
-        "work_dir": str(work),
-    }
     import shutil
 
+    runners = {
+        "orchestration": lambda: orchestration(args, work / "orchestration"),
+        "store": lambda: store_and_beton(args, work / "store"),
+        "small": lambda: small_datasets(work / "small"),
+    }
     try:
-        if "orchestration" in parts:
+        for part in ("orchestration", "store", "small"):
+            if part not in parts:
+                continue
+            (work / part).mkdir()
+            before = machine()
             t = time.perf_counter()
-            out["orchestration"] = orchestration(args, work / "orch")
-            out["orchestration_wall_seconds"] = time.perf_counter() - t
-            out["load_after_orchestration"] = os.getloadavg()
-        if "store" in parts:
-            (work / "st").mkdir()
-            t = time.perf_counter()
-            out["store"] = store_and_beton(args, work / "st")
-            out["store_wall_seconds"] = time.perf_counter() - t
-        out["load_after"] = os.getloadavg()
+            result = runners[part]()
+            out[part] = result
+            out.pop(f"{part}_wall_seconds", None)  # the former layout's
+            out[f"{part}_run"] = {
+                "machine": before,
+                "load_before": before["load"],
+                "load_after": os.getloadavg(),
+                "wall_seconds": time.perf_counter() - t,
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    load = out["load_before"]
-    print(f"load before {load[0]:.2f}, after {out['load_after'][0]:.2f} (1 min)")
-    if "orchestration" in out:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    for part in parts:
+        run = out[f"{part}_run"]
+        print(
+            f"{part}: load before {run['load_before'][0]:.2f}, after "
+            f"{run['load_after'][0]:.2f} (1 min), {run['wall_seconds']:.0f} s"
+        )
+    if "orchestration" in parts:
         o = out["orchestration"]
         print(
             f"orchestration: {o['models']} no-op models, {o['partitions']} partitions of "
@@ -368,7 +609,7 @@ def main() -> int:
             f"(+{o['instance_growth_bytes_per_run'] / MB:.2f} MB/run; "
             f"{o['instance_bytes_after_all_runs_extrapolated'] / MB:.0f} MB after all runs)"
         )
-    if "store" in out:
+    if "store" in parts:
         s = out["store"]
         print(
             f"store: {s['models']} x ({s['n_features']} bool + {s['n_targets']} float16), "
@@ -377,11 +618,22 @@ def main() -> int:
             f"{s['store_after_writes']['apparent'] / 1e9:.1f} GB apparent; beton "
             f"{s['beton_allocated_bytes'] / MB:.0f} MB"
         )
-        print(f"{'cache':6s} {'raw MB/s':>9s} {'beton MB/s':>11s} {'beton/raw':>10s}")
+        print(
+            f"{'cache':6s} {'raw MB/s':>9s} {'beton MB/s':>11s} {'beton/raw':>10s} "
+            f"{'FFCV MB/s':>10s} {'FFCV/raw':>9s}"
+        )
         for cache, m in s["read"].items():
             print(
                 f"{cache:6s} {m['raw_read_MB_per_s']:9.0f} {m['write_beton_MB_per_s']:11.0f} "
-                f"{m['ratio_beton_to_raw']:10.3f}"
+                f"{m['ratio_beton_to_raw']:10.3f} {m['ffcv_MB_per_s']:10.0f} "
+                f"{m['ratio_ffcv_to_raw']:9.3f}"
+            )
+        for name, seconds in s["write_only_seconds"].items():
+            ratios = s["ratio_write_only_to_raw"]
+            print(
+                f"write only, {name} (the dataset's bytes from memory, fsynced): {seconds:.2f} s, "
+                f"{ratios['cold'][name]:.3f} of the cold raw read, "
+                f"{ratios['warm'][name]:.3f} of the warm"
             )
     return 0
 

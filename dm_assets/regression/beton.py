@@ -19,13 +19,17 @@ names and types: the seed's ``regression_data.beton`` reads here.
 
 The dataset's parts, one module each:
 
+- :mod:`dm_assets.regression.beton_format`: FFCV's file format in numpy alone (header, fields,
+  row metadata, pages, allocation table) and where our rows go in it;
 - :mod:`dm_assets.regression.beton_writer`: :func:`~dm_assets.regression.beton_writer.write_beton`
   checks the store and writes the file (what ``python -m dm_assets.regression.write_dataset``
   runs);
 - :mod:`dm_assets.regression.beton_reader`: :class:`~dm_assets.regression.beton_reader.BetonSource`
   reads it back in batches for the solvers, and
-  :func:`~dm_assets.regression.beton_reader.beton_info` describes a file;
-- :mod:`dm_assets.regression.ffcv_glue`: FFCV imported on first use, with the fixes both need.
+  :func:`~dm_assets.regression.beton_reader.beton_info` describes a file.
+
+None of them imports FFCV (seconds of numba compilation at import): the files are FFCV's
+format, checked against FFCV's own writer, Reader and Loader by the tests.
 """
 
 from __future__ import annotations

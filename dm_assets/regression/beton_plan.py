@@ -1,38 +1,36 @@
 """What :func:`~dm_assets.regression.beton_writer.write_beton` writes, checked first.
 
 :func:`plan_write` checks everything that needs no row data (the keys' shapes and dtypes,
-``y_slice``, the output directory, the completion flags) and reports every problem at once;
-:func:`check_values` then reads the rows to be written block by block (masks must hold only 0
-and 1, targets must be finite once cast to float32). The :class:`WritePlan` they produce
-holds a :class:`StoreRows`, the rows as FFCV's writer processes ask for them.
+``y_slice``, the output directory, the completion flags) and reports every problem at once. The
+row values (masks must hold only 0 and 1, targets must be finite once cast to float32) are
+checked by the writer as it copies them, with a :class:`ValueChecks` per block of rows whose
+problems :func:`value_problems` merges into one error. The :class:`WritePlan` holds a
+:class:`StoreRows`, where the rows to write are in the store's files.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dm_assets.regression.beton import (
     MAX_NAMED,
     SEED_BETON_NAME,
-    TARGET_DTYPE,
     BetonError,
     named_indices,
 )
 from dm_assets.store.spec import COMPLETED_KEY
 from dm_assets.store.store import Store, StoreError
 
-# The checks read the store in blocks of about this many bytes: a 21 GB store is never loaded.
-_CHECK_BLOCK_BYTES = 64 << 20
-
 
 @dataclass(frozen=True)
-class _ArrayRef:
-    """Where a store array lives, so that writer processes map it themselves (small pickle)."""
+class ArrayRef:
+    """Where a store array lives in its ``.npy`` file: ``shape`` ``(num_models, *row)`` of
+    ``dtype`` from byte ``offset``; row ``i`` is the ``row_bytes`` bytes at
+    ``offset + i * row_bytes``."""
 
     path: str
     offset: int
@@ -40,38 +38,28 @@ class _ArrayRef:
     shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, array: np.memmap) -> _ArrayRef:
+    def of(cls, array: np.memmap) -> ArrayRef:
         return cls(str(array.filename), int(array.offset), array.dtype, tuple(array.shape))
 
-    def open(self) -> np.memmap:
-        return np.memmap(
-            self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape
-        )
+    @property
+    def row_items(self) -> int:
+        """Values per row (1 for a scalar per model)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_items * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
 class StoreRows:
-    """The rows to write, as FFCV's writer asks for them: item ``i`` is model
-    ``indices[i]``'s ``(mask (n_features,), float32 targets (n_targets,), model index)``."""
+    """The rows to write: model ``indices`` (int64, increasing) of the masks ``x`` and the
+    targets ``y``, whose columns ``y_cols`` are written (cast to float32)."""
 
-    def __init__(self, x: _ArrayRef, y: _ArrayRef, indices: np.ndarray, y_cols: slice) -> None:
-        self.x_ref, self.y_ref, self.indices, self.y_cols = x, y, indices, y_cols
-        self._x: np.memmap | None = None
-        self._y: np.memmap | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a spawned writer process maps the files itself rather than receiving their contents
-        return {**self.__dict__, "_x": None, "_y": None}
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        if self._x is None or self._y is None:
-            self._x, self._y = self.x_ref.open(), self.y_ref.open()
-        model = int(self.indices[i])
-        x = np.ascontiguousarray(self._x[model])
-        y = np.asarray(self._y[model]).reshape(-1)[self.y_cols].astype(TARGET_DTYPE)
-        return x, y, model
+    x: ArrayRef
+    y: ArrayRef
+    indices: np.ndarray
+    y_cols: slice
 
 
 @dataclass(frozen=True)
@@ -170,7 +158,7 @@ def plan_write(
         raise _problems(problems)
     indices = _rows_to_write(store, completed_name, ignore_completed)
     rows = StoreRows(
-        _ArrayRef.of(store.read(x_name)), _ArrayRef.of(store.read(y_name)), indices, y_cols
+        ArrayRef.of(store.read(x_name)), ArrayRef.of(store.read(y_name)), indices, y_cols
     )
     return WritePlan(rows, x_name, y_name, n_features, n_targets, schema[x_name].dtype)
 
@@ -278,52 +266,63 @@ def _problems(problems: list[str]) -> BetonError:
     return BetonError(f"cannot write the dataset ({len(problems)} problems):\n{lines}")
 
 
-def check_values(plan: WritePlan) -> None:
-    """Read the rows to be written, block by block: masks must be 0/1, targets finite."""
-    rows = plan.rows
-    x, y = rows.x_ref.open(), rows.y_ref.open()
-    check_x = x.dtype.kind in "iu"
-    check_y = y.dtype.kind == "f"
-    if not (check_x or check_y):
-        return
-    row_bytes = x.dtype.itemsize * plan.n_features + y.dtype.itemsize * max(1, y[0].size)
-    block = max(1, _CHECK_BLOCK_BYTES // row_bytes)
-    bad_x: list[int] = []
-    bad_x_count = 0
+@dataclass
+class ValueChecks:
+    """The value problems found in some rows: models whose masks hold values other than 0 and
+    1 (the first :data:`MAX_NAMED`, their count, one such value), and models whose targets are
+    not finite once cast to float32 (the first few, their count)."""
+
+    bad_x: list[int] = field(default_factory=list)
+    bad_x_count: int = 0
     bad_value: int | None = None
-    bad_y: list[int] = []
-    bad_y_count = 0
-    for start in range(0, len(rows.indices), block):
-        part = rows.indices[start : start + block]
-        if check_x:
-            xb = np.asarray(x[part])
-            bad = ((xb != 0) & (xb != 1)).any(axis=1)
+    bad_y: list[int] = field(default_factory=list)
+    bad_y_count: int = 0
+
+    def check(self, models: np.ndarray, x: np.ndarray | None, y: np.ndarray) -> None:
+        """Check the rows of ``models`` (int64 ``(n,)``): masks ``x`` ``(n, n_features)`` of
+        an integer dtype (``None``: bool masks, nothing to check) and float32 targets ``y``
+        ``(n, n_targets)``, as written."""
+        if x is not None:
+            bad = ((x != 0) & (x != 1)).any(axis=1)
             if bad.any():
-                bad_x_count += int(bad.sum())
-                bad_x.extend(part[bad][: MAX_NAMED - len(bad_x)].tolist())
-                if bad_value is None:
-                    first = xb[bad][0]
-                    bad_value = int(first[(first != 0) & (first != 1)][0])
-        if check_y:
-            yb = np.asarray(y[part]).reshape(len(part), -1)[:, rows.y_cols]
-            with np.errstate(over="ignore"):
-                bad = ~np.isfinite(yb.astype(TARGET_DTYPE)).all(axis=1)
-            if bad.any():
-                bad_y_count += int(bad.sum())
-                bad_y.extend(part[bad][: MAX_NAMED - len(bad_y)].tolist())
+                self.bad_x_count += int(bad.sum())
+                self.bad_x.extend(models[bad][: MAX_NAMED - len(self.bad_x)].tolist())
+                if self.bad_value is None:
+                    first = x[bad][0]
+                    self.bad_value = int(first[(first != 0) & (first != 1)][0])
+        bad = ~np.isfinite(y).all(axis=1)
+        if bad.any():
+            self.bad_y_count += int(bad.sum())
+            self.bad_y.extend(models[bad][: MAX_NAMED - len(self.bad_y)].tolist())
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.bad_x_count or self.bad_y_count)
+
+
+def value_problems(plan: WritePlan, checks: list[ValueChecks]) -> BetonError | None:
+    """One error for the problems of every block's ``checks`` (in model order), or None."""
+    merged = ValueChecks()
+    for c in checks:
+        merged.bad_x.extend(c.bad_x[: MAX_NAMED - len(merged.bad_x)])
+        merged.bad_x_count += c.bad_x_count
+        if merged.bad_value is None:
+            merged.bad_value = c.bad_value
+        merged.bad_y.extend(c.bad_y[: MAX_NAMED - len(merged.bad_y)])
+        merged.bad_y_count += c.bad_y_count
     problems = []
-    if bad_x_count:
+    if merged.bad_x_count:
         problems.append(
-            f"x key {plan.x_key!r} ({x.dtype.name}) must hold only 0 and 1, but model(s) "
-            f"{named_indices(bad_x, bad_x_count)} hold other values (e.g. {bad_value}): fix the "
-            "training script's masks and retrain those models (--worker.do_if_complete)"
+            f"x key {plan.x_key!r} ({plan.mask_dtype.name}) must hold only 0 and 1, but "
+            f"model(s) {named_indices(merged.bad_x, merged.bad_x_count)} hold other values "
+            f"(e.g. {merged.bad_value}): fix the training script's masks and retrain those "
+            "models (--worker.do_if_complete)"
         )
-    if bad_y_count:
-        beyond = " or beyond float32's range" if y.dtype.itemsize > 4 else ""
+    if merged.bad_y_count:
+        beyond = " or beyond float32's range" if plan.rows.y.dtype.itemsize > 4 else ""
         problems.append(
             f"y key {plan.y_key!r} has NaN or infinite values{beyond} in model(s) "
-            f"{named_indices(bad_y, bad_y_count)}: retrain those models (--worker.do_if_complete); "
-            "targets must be finite"
+            f"{named_indices(merged.bad_y, merged.bad_y_count)}: retrain those models "
+            "(--worker.do_if_complete); targets must be finite"
         )
-    if problems:
-        raise _problems(problems)
+    return _problems(problems) if problems else None

@@ -1,24 +1,27 @@
 """Reading an FFCV dataset (``.beton``) back: its description, and its rows in batches.
 
-The format is described in :mod:`dm_assets.regression.beton`. :class:`BetonSource` keeps one
-FFCV ``Loader`` per batch size, so its numba-compiled pipeline (about a second to compile)
-serves every later call, and hands FFCV the exact row order of each pass: the positions asked
-for, or their permutation by ``numpy.random.default_rng(seed)``, which is the order of FFCV's
-own ``Loader(order=OrderOption.RANDOM, seed=seed, indices=rows)``. So the positions of every
-batch are known, and checked against the decoded ``idx`` field. FFCV reuses its batch buffers,
-so every batch is copied out before it is yielded. This drives FFCV 1.0.2's ``EpochIterator``
-directly (``ffcv`` is pinned).
+The format is described in :mod:`dm_assets.regression.beton` and the file's layout in
+:mod:`dm_assets.regression.beton_format`. Every row's ``mask`` and ``targets`` are fixed-size
+byte ranges whose offsets the file's metadata lists, so :class:`BetonSource` maps the file and
+copies each batch's ranges out with numpy (no FFCV, numba or torch compilation: the first
+batch costs what any other does). It reads any file with these fields, however its pages
+were laid out: ours, and those FFCV's own writer makes (the seed's). A shuffled pass visits
+the positions in the order of their permutation by ``numpy.random.default_rng(seed)``, which
+is the order of FFCV's own ``Loader(order=OrderOption.RANDOM, seed=seed, indices=rows)``.
+Batches are gathered by ``num_workers`` threads, ``batches_ahead`` of them ahead of the one
+being used, so reading overlaps the solver's work.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dm_assets.regression.beton import (
     IDX_FIELD,
@@ -27,8 +30,18 @@ from dm_assets.regression.beton import (
     BetonError,
     named_indices,
 )
-from dm_assets.regression.data import Batch
-from dm_assets.regression.ffcv_glue import KeepThreadCounts, ffcv_classes, restore_thread_counts
+from dm_assets.regression.beton_format import (
+    INT_FIELD_ID,
+    NDARRAY_FIELD_ID,
+    BetonFile,
+    FormatError,
+    read_head,
+)
+
+if TYPE_CHECKING:  # torch is imported when batches are read, not to describe a file
+    import torch
+
+    from dm_assets.regression.data import Batch
 
 _WRITE_HINT = (
     "write one with `python -m dm_assets.regression.write_dataset --cfg.data_dir=STORE "
@@ -58,63 +71,57 @@ def _unreadable(path: Path, why: str) -> BetonError:
     )
 
 
-def _open_reader(path: Path) -> Any:
-    """FFCV's Reader of ``path``, after checking the file is whole and has our fields."""
+def _open_head(path: Path) -> BetonFile:
+    """The head of the file at ``path``, after checking it is whole and has our fields."""
     if not path.exists():
         raise BetonError(f"no dataset at {path}: {_WRITE_HINT}")
     if not path.is_file():
         raise BetonError(f"{path} is not a file; pass the .beton file, not its directory")
-    ffcv = ffcv_classes()
-    size = path.stat().st_size
-    header = np.fromfile(path, dtype=ffcv.HeaderType, count=1)
-    if len(header) == 1 and int(header[0]["alloc_table_ptr"]) > size:
-        raise _unreadable(path, f"it is truncated ({size} bytes)")
     try:
-        reader = ffcv.Reader(str(path))
-    except Exception as exc:  # FFCV raises anything from IndexError to AssertionError
-        raise _unreadable(path, f"{type(exc).__name__}: {exc}") from exc
-    if int(reader.header["alloc_table_ptr"]) > size or len(reader.metadata) != reader.num_samples:
-        raise _unreadable(path, f"it is truncated ({size} bytes)")
-    table = reader.alloc_table
-    if len(table) and int((table["ptr"] + table["size"]).max()) > size:
-        raise _unreadable(path, f"it is truncated ({size} bytes)")
-    handlers = reader.handlers
-    wanted = {MASK_FIELD: ffcv.NDArrayField, TARGETS_FIELD: ffcv.NDArrayField}
-    wanted[IDX_FIELD] = ffcv.IntField
-    for name, kind in wanted.items():
-        handler = handlers.get(name)
-        if not isinstance(handler, kind) or (
-            kind is ffcv.NDArrayField and (len(handler.shape) != 1 or handler.shape[0] == 0)
+        head = read_head(path)
+    except (FormatError, ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, str(exc)) from exc
+    fields = head.fields
+    wanted = {MASK_FIELD: NDARRAY_FIELD_ID, TARGETS_FIELD: NDARRAY_FIELD_ID}
+    wanted[IDX_FIELD] = INT_FIELD_ID
+    for name, type_id in wanted.items():
+        field = fields.get(name)
+        if (
+            field is None
+            or field.type_id != type_id
+            or (type_id == NDARRAY_FIELD_ID and (len(field.shape or ()) != 1 or not field.nbytes))
         ):
-            fields = {k: type(v).__name__ for k, v in handlers.items()}
+            kinds = {k: v.kind for k, v in fields.items()}
             raise _unreadable(
                 path,
                 f"it needs fields mask and targets (1-D NDArrayField) and idx (IntField); "
-                f"it has {fields}",
+                f"it has {kinds}",
             )
-    return reader
+    return head
 
 
 def beton_info(path: str | Path) -> BetonInfo:
     """What the dataset at ``path`` holds (reads its header and per-row metadata only)."""
-    path = Path(path)
-    reader = _open_reader(path)
-    mask, targets = reader.handlers[MASK_FIELD], reader.handlers[TARGETS_FIELD]
-    idx_column = reader.metadata.dtype.names[reader.field_names.index(IDX_FIELD)]
+    return _info(_open_head(Path(path)))
+
+
+def _info(head: BetonFile) -> BetonInfo:
+    mask, targets = head.fields[MASK_FIELD], head.fields[TARGETS_FIELD]
+    assert mask.shape is not None and targets.shape is not None  # checked by _open_head
     return BetonInfo(
-        path=path,
-        n_rows=int(reader.num_samples),
+        path=head.path,
+        n_rows=head.n_rows,
         n_features=int(mask.shape[0]),
         n_targets=int(targets.shape[0]),
         mask_dtype=np.dtype(mask.dtype),
         targets_dtype=np.dtype(targets.dtype),
-        model_indices=np.array(reader.metadata[idx_column], dtype=np.int64),
+        model_indices=np.array(head.column(IDX_FIELD), dtype=np.int64),
     )
 
 
 class BetonSource:
     """The rows of a dataset, for the solvers (as written by
-    :func:`~dm_assets.regression.beton_writer.write_beton`, or the seed).
+    :func:`~dm_assets.regression.beton_writer.write_beton`, or by FFCV's writer for the seed).
 
     Implements :class:`~dm_assets.regression.data.RowSource`: row ``r`` (a position
     ``0 .. n_rows - 1`` in the file) is ``x`` = its ``mask`` as float32 ``(n_features,)`` and
@@ -129,10 +136,9 @@ class BetonSource:
     target_start, target_end : int
         The target columns ``[target_start, target_end)`` read (default: all).
     num_workers : int
-        FFCV's: the threads that decode one batch (at most numba's thread count, the CPU
-        count by default).
+        Threads that gather batches from the file.
     batches_ahead : int
-        Batches decoded ahead of the one being used.
+        Batches gathered ahead of the one being used.
 
     Raises
     ------
@@ -151,7 +157,8 @@ class BetonSource:
         batches_ahead: int = 3,
     ) -> None:
         self.path = Path(path)
-        self.info = beton_info(self.path)
+        head = _open_head(self.path)
+        self.info = _info(head)
         total = self.info.n_targets
         end = total if target_end == -1 else target_end
         if not 0 <= target_start < end <= total:
@@ -163,13 +170,12 @@ class BetonSource:
         for name, value in (("num_workers", num_workers), ("batches_ahead", batches_ahead)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BetonError(f"{name}={value!r} must be a positive integer")
-        import numba
-
-        # numba refuses more threads than it started with (NUMBA_NUM_THREADS)
-        self.num_workers = min(num_workers, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        self.num_workers = num_workers
         self.batches_ahead = batches_ahead
         self.target_start, self.target_end = target_start, end
-        self._loaders: dict[int, Any] = {}
+        self._mask = _FieldReader(head, MASK_FIELD, slice(None))
+        self._targets = _FieldReader(head, TARGETS_FIELD, slice(target_start, end))
+        self._data: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -189,29 +195,6 @@ class BetonSource:
         :func:`~dm_assets.regression.beton_writer.write_beton` writes them)."""
         return self.info.model_indices.copy()
 
-    def _loader(self, batch_size: int) -> Any:
-        loader = self._loaders.get(batch_size)
-        if loader is None:
-            ffcv = ffcv_classes()
-            pipelines = {
-                MASK_FIELD: [ffcv.RowDecoder(), ffcv.ToTensor()],
-                TARGETS_FIELD: [ffcv.RowDecoder(), ffcv.ToTensor()],
-                IDX_FIELD: [ffcv.IntDecoder(), ffcv.ToTensor(), ffcv.Squeeze(1)],
-            }
-            with KeepThreadCounts():
-                loader = ffcv.Loader(
-                    str(self.path),
-                    batch_size=batch_size,
-                    num_workers=self.num_workers,
-                    order=ffcv.OrderOption.SEQUENTIAL,  # unused: each pass gets its own order
-                    seed=0,
-                    pipelines=pipelines,
-                    drop_last=False,
-                    batches_ahead=self.batches_ahead,
-                )
-            self._loaders[batch_size] = loader
-        return loader
-
     def _positions(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         positions = np.asarray(rows)
         if positions.size == 0:
@@ -230,6 +213,23 @@ class BetonSource:
                 f"{self.n_rows} rows"
             )
         return positions
+
+    def _gather(self, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``part``'s masks and targets, float32 ``(b, n_features)`` and
+        ``(b, n_targets)``, fresh arrays."""
+        data = self._mapped()
+        x = np.empty((len(part), self.n_features), dtype=np.float32)
+        y = np.empty((len(part), self.n_targets), dtype=np.float32)
+        self._mask.gather(data, part, x)
+        self._targets.gather(data, part, y)
+        return x, y
+
+    def _mapped(self) -> np.ndarray:
+        """The file's bytes, mapped read-only (once per source)."""
+        if self._data is None:
+            # a plain array over the mapping: slicing a memmap makes memmap objects
+            self._data = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
+        return self._data
 
     def batches(
         self,
@@ -255,33 +255,78 @@ class BetonSource:
         if positions.size == 0:
             return
         order = np.random.default_rng(seed).permutation(positions) if shuffle else positions
-        loader = self._loader(batch_size)
-        model_indices = self.info.model_indices
-        threads = KeepThreadCounts()
-        with threads:
-            epoch = ffcv_classes().GuardedEpochIterator(loader, order)
-        try:
-            for start in range(0, len(order), batch_size):
-                part = order[start : start + batch_size]
-                batch = next(epoch, None)
-                # FFCV's thread sets torch's (process-wide) thread count as it starts
-                restore_thread_counts(threads.torch_threads, threads.numba_threads)
-                if batch is None:
-                    raise BetonError(
-                        f"reading {self.path} failed at rows {named_indices(part, len(part))}: "
-                        f"{epoch.error!r}"
-                    ) from epoch.error
-                mask, targets, idx = batch
-                # FFCV reuses its buffers a few batches later: copy before the caller sees them
-                x = mask.to(device=device, dtype=torch.float32, copy=True)
-                y = targets[:, self.target_start : self.target_end].to(
-                    device=device, dtype=torch.float32, copy=True
-                )
-                if not np.array_equal(idx.numpy().reshape(-1), model_indices[part]):
-                    raise RuntimeError(
-                        f"FFCV returned rows other than those asked for from {self.path}; "
-                        "is the installed ffcv the pinned 1.0.2?"
-                    )
-                yield x, y, torch.from_numpy(part.copy()).to(device)
-        finally:
-            epoch.close()
+        parts = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+        self._mapped()  # here, not in the reading threads
+        if len(parts) == 1:
+            x, y = self._gather(parts[0])
+            yield _batch(x, y, parts[0], device)
+            return
+        pending: deque[tuple[np.ndarray, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="beton-read") as pool:
+            try:
+                for part in parts:
+                    pending.append((part, pool.submit(self._gather, part)))
+                    if len(pending) > self.batches_ahead:
+                        done, future = pending.popleft()
+                        yield _batch(*future.result(), done, device)
+                while pending:
+                    done, future = pending.popleft()
+                    yield _batch(*future.result(), done, device)
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+
+def _batch(x: np.ndarray, y: np.ndarray, part: np.ndarray, device: torch.device) -> Batch:
+    import torch
+
+    return (
+        torch.from_numpy(x).to(device),
+        torch.from_numpy(y).to(device),
+        torch.from_numpy(part.copy()).to(device),
+    )
+
+
+class _FieldReader:
+    """Copies one array field's rows out of the mapped file, as float32, columns ``cols``.
+
+    A row's data is ``nbytes`` bytes at the offset the metadata gives. Rows whose offsets
+    advance by the file's usual step (``stride``: consecutive rows of a page) form runs, each
+    copied as one strided view; scattered small rows are gathered with one fancy index.
+    """
+
+    # Below this many bytes per row, scattered rows are gathered by one fancy index (numpy's
+    # per-element copy) rather than one copy per row (about a microsecond of Python each).
+    _SMALL_ROW_BYTES = 4096
+
+    def __init__(self, head: BetonFile, name: str, cols: slice) -> None:
+        field = head.fields[name]
+        assert field.dtype is not None  # an NDArrayField, checked by _open_head
+        self.dtype = field.dtype
+        self.nbytes = field.nbytes
+        self.cols = cols
+        self.offsets = head.column(name).astype(np.int64)
+        # the most common step between consecutive rows' offsets (row_bytes in our files)
+        steps, counts = np.unique(np.diff(self.offsets[:64]), return_counts=True)
+        positive = steps > 0
+        self.stride = int(steps[positive][counts[positive].argmax()]) if positive.any() else 0
+        self._windows: np.ndarray | None = None
+
+    def gather(self, data: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows``' values into ``out`` (float32 ``(len(rows), n_cols)``)."""
+        offsets = self.offsets[rows]
+        breaks = np.flatnonzero(np.diff(offsets) != self.stride) + 1
+        if self.nbytes < self._SMALL_ROW_BYTES and len(breaks) > len(rows) // 8:
+            if self._windows is None:
+                self._windows = np.lib.stride_tricks.sliding_window_view(data, self.nbytes)
+            raw = self._windows[offsets]
+            np.copyto(out, raw.view(self.dtype)[:, self.cols], casting="unsafe")
+            return
+        starts = [0, *breaks.tolist()]
+        stops = [*breaks.tolist(), len(rows)]
+        for a, b in zip(starts, stops, strict=True):
+            first = int(offsets[a])
+            run = np.lib.stride_tricks.as_strided(
+                data[first:], shape=(b - a, self.nbytes), strides=(self.stride, 1), writeable=False
+            )
+            np.copyto(out[a:b], run.view(self.dtype)[:, self.cols], casting="unsafe")

@@ -88,7 +88,8 @@ def choose_solver(name: str, n_features: int, device: torch.device) -> str:
 
 
 def open_source(config: RegressionConfig) -> RowSource:
-    """The configured dataset as a row source (FFCV loader), with the target slice applied."""
+    """The configured dataset as a row source (a ``BetonSource`` whose ``cfg.num_workers``
+    threads read it), with the target slice applied."""
     from dm_assets.regression.beton_reader import BetonSource
 
     d = config["data"]

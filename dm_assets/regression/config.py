@@ -103,7 +103,7 @@ PARAMS: dict[str, dict[str, _Param]] = {
         "lr": _Param(_optional_float, None, "SAGA step size (default: derived from the data)"),
         "eps": _Param(_float, 1e-2, "smallest lambda / lambda_max"),
         "out_dir": _Param(_str, _MISSING, "output directory (must not exist)", required=True),
-        "num_workers": _Param(_int, 2, "FFCV loader worker threads"),
+        "num_workers": _Param(_int, 2, "threads reading the dataset"),
         "use_bias": _Param(_bool, True, "fit an unpenalized intercept per target"),
         "solver": _Param(_str, "auto", "gram, saga, or auto (gram where p x p fits)"),
         "device": _Param(_str, "auto", "cpu, cuda, cuda:N, or auto (cuda when available)"),

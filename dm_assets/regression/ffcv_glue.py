@@ -1,4 +1,9 @@
-"""FFCV, imported on first use, with the fixes our reader and writer need.
+"""FFCV, imported on first use, with the fixes its users here need.
+
+The regression's own dataset is written and read without FFCV
+(:mod:`dm_assets.regression.beton_format`); FFCV itself serves the CIFAR-10 example's image
+datasets (:mod:`dm_assets.examples.cifar10`) and the tests that check our files against FFCV's
+own writer, Reader and Loader.
 
 :func:`ffcv_classes` imports FFCV (pinned at 1.0.2) once per process and returns its classes
 together with three subclasses that fix its failure modes:
@@ -11,9 +16,9 @@ together with three subclasses that fix its failure modes:
   waiting forever, and always releasing its shared memory.
 
 FFCV is imported on first use: importing it takes seconds (it compiles its JPEG decoders with
-numba at import), and checking inputs does not need it. Importing it, and each FFCV Loader and
-writer, set torch's (process-wide) and numba's thread counts; :class:`KeepThreadCounts` and
-:func:`restore_thread_counts` put them back. The CIFAR-10 example's loaders use the same glue.
+numba at import). Importing it, and each FFCV Loader and writer, set torch's (process-wide) and
+numba's thread counts; :class:`KeepThreadCounts` and :func:`restore_thread_counts` put them
+back.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ def _define_guarded_epoch_iterator(epoch_iterator: type) -> type:
 
         FFCV's thread catches StopIteration only: any other exception ends it while the reader
         waits forever for the next batch. Here the exception is kept in ``error`` and the pass
-        ends; :meth:`~dm_assets.regression.beton_reader.BetonSource.batches` raises it.
+        ends; the reader (:mod:`dm_assets.examples.cifar10.data`) raises it.
         """
 
         error: BaseException | None = None

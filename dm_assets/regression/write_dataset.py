@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="num_workers",
         type=_positive_int,
         default=None,
-        help="writer processes (default: the CPU count, at most 8)",
+        help="writer threads (default: the CPU count, at most 8; one for a small dataset)",
     )
     add_flag(parser, "--verbose", "log debug messages")
     return parser

@@ -1,12 +1,11 @@
-"""The FFCV dataset: seeded round trips through real FFCV on CPU, input checks, failures.
+"""The FFCV dataset: seeded round trips (our reader, and FFCV's own Reader and Loader), the file
+format against FFCV's own writer, input checks, failures.
 
-Reading compiles a numba pipeline per batch size and source (about a second each), so the
-read tests share one module-scoped dataset and source.
+The read tests share one module-scoped dataset and source.
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dm_assets.regression import beton_plan, beton_writer
+from dm_assets.regression import beton_format, beton_reader, beton_writer
 from dm_assets.regression.beton import BetonError
 from dm_assets.regression.beton_reader import BetonSource, beton_info
 from dm_assets.regression.beton_writer import write_beton
@@ -215,18 +214,21 @@ def test_rows_are_checked(source: BetonSource) -> None:
 def test_failed_batch_raises_instead_of_hanging(
     source: BetonSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    guarded = ffcv_classes().GuardedEpochIterator
+    original = beton_reader._FieldReader.gather
+    calls = []
 
-    def broken(self: object, *args: object, **kwargs: object) -> None:
-        raise OSError("disk went away")
+    def broken(self: object, data: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        calls.append(len(rows))
+        if len(calls) > 3:  # a batch gathered by a reading thread, after the first ones
+            raise OSError("disk went away")
+        original(self, data, rows, out)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(guarded, "run_pipeline", broken)
-    with pytest.raises(BetonError, match="disk went away"):
+    monkeypatch.setattr(beton_reader._FieldReader, "gather", broken)
+    with pytest.raises(OSError, match="disk went away"):
         list(source.batches(np.arange(30), 4, device=CPU))
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_target_slice_and_no_numba_noise(written: tuple[Path, dict[str, np.ndarray]]) -> None:
+def test_target_slice(written: tuple[Path, dict[str, np.ndarray]]) -> None:
     path, rows = written
     middle = BetonSource(path, target_start=1, target_end=3, num_workers=1)
     assert middle.n_targets == 2
@@ -237,10 +239,6 @@ def test_target_slice_and_no_numba_noise(written: tuple[Path, dict[str, np.ndarr
     assert rest.n_targets == 2
     _, y, _, _ = collect(rest.batches([4, 9], 7, device=CPU))
     np.testing.assert_array_equal(y.numpy(), rows["margins"][COMPLETED[[4, 9]], 3:])
-    # freeing a Loader while a later one lives must not print numba's "Exception ignored in:
-    # <finalize ...> KeyError" (it does with FFCV's own NDArrayDecoder)
-    del middle
-    gc.collect()
     for start, end in [(0, 6), (3, 3), (-1, 2), (5, -1)]:
         with pytest.raises(BetonError, match=f"target_start={start}, target_end={end}"):
             BetonSource(path, target_start=start, target_end=end)
@@ -345,7 +343,7 @@ def test_a_full_disk_is_reported_before_writing(
     monkeypatch.setattr(
         beton_writer.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000)
     )
-    with pytest.raises(BetonError, match=r"needs about 0\.02 GiB but .* has 0\.00 GiB free"):
+    with pytest.raises(BetonError, match=r"needs 4,266 bytes but .* has 1,000 bytes free"):
         write_beton(tmp_path / "store", tmp_path / "out.beton")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
@@ -378,10 +376,14 @@ def test_unreadable_datasets_are_reported(tmp_path: Path, written: tuple[Path, .
 
 
 # ------------------------------------------------------------------------------ failures
+# 150 rows of 37 bytes (17 mask values, 5 float32 targets): pages of 4 KiB hold 110, so two
+SMALL_MODELS = 300
+SMALL_COMPLETED = np.arange(0, SMALL_MODELS, 2)
+
+
 @pytest.fixture
 def small_store(tmp_path: Path) -> Path:
-    # 105 rows: two chunks of work, so two writer processes
-    make_store(tmp_path / "store", num_models=210, completed=np.arange(0, 210, 2))
+    make_store(tmp_path / "store", num_models=SMALL_MODELS, completed=SMALL_COMPLETED)
     return tmp_path / "store"
 
 
@@ -390,33 +392,243 @@ def assert_only_old_file(tmp_path: Path) -> None:
     assert (tmp_path / "out.beton").read_bytes() == b"the previous dataset"
 
 
-def test_failure_in_the_main_process_leaves_no_partial_file(
+def test_failure_after_the_pages_leaves_no_partial_file(
     tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "out.beton").write_bytes(b"the previous dataset")
 
-    def broken(self: object, allocations: object) -> None:
+    def broken(self: object) -> np.ndarray:
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(ffcv_classes().GuardedWriter, "finalize", broken)
+    monkeypatch.setattr(beton_format.RowLayout, "alloc_table", broken)
     with pytest.raises(OSError, match="no space left"):
         write_beton(small_store, tmp_path / "out.beton", num_workers=2)
     assert_only_old_file(tmp_path)
 
 
 @pytest.mark.timeout(60)
-def test_writer_process_death_fails_instead_of_hanging(
+def test_a_failing_writer_thread_fails_the_write(
     tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "out.beton").write_bytes(b"the previous dataset")
-    original = beton_plan.StoreRows.__getitem__
+    monkeypatch.setattr(beton_writer, "_BLOCK_BYTES", 1)  # one row per unit of work
+    original = beton_writer._read_rows
 
-    def broken(self: beton_plan.StoreRows, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        if i == 102:  # in a forked writer process, in the second chunk
-            raise OSError("no space left on device")
-        return original(self, i)
+    def broken(fd: int, ref: object, models: np.ndarray, dest: np.ndarray) -> None:
+        if models[0] >= 2 * 110:  # the second page's rows
+            raise OSError("input/output error")
+        original(fd, ref, models, dest)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(beton_plan.StoreRows, "__getitem__", broken)
-    with pytest.raises(BetonError, match="writer process exited with code 1"):
+    monkeypatch.setattr(beton_writer, "_read_rows", broken)
+    with pytest.raises(OSError, match="input/output error"):
         write_beton(small_store, tmp_path / "out.beton", num_workers=2)
     assert_only_old_file(tmp_path)
+
+
+# ------------------------------------------------------------------------------ the format
+def ffcv_loader_rows(path: Path, *, os_cache: bool) -> tuple[np.ndarray, ...]:
+    """Every row of ``path`` through FFCV's own Loader (its decoders), in order."""
+    ffcv = ffcv_classes()
+    threads = torch.get_num_threads()
+    loader = ffcv.Loader(
+        str(path),
+        batch_size=16,
+        num_workers=1,
+        order=ffcv.OrderOption.SEQUENTIAL,
+        os_cache=os_cache,
+        drop_last=False,
+        pipelines={
+            "mask": [ffcv.RowDecoder(), ffcv.ToTensor()],
+            "targets": [ffcv.RowDecoder(), ffcv.ToTensor()],
+            "idx": [ffcv.IntDecoder(), ffcv.ToTensor()],
+        },
+    )
+    batches = [tuple(t.clone() for t in batch) for batch in loader]
+    torch.set_num_threads(threads)  # FFCV's Loader sets it to its num_workers
+    return tuple(torch.cat([b[k] for b in batches]).numpy() for k in range(3))
+
+
+@pytest.mark.parametrize("os_cache", [True, False])
+def test_ffcvs_reader_and_loader_read_our_pages(
+    tmp_path: Path, small_store: Path, os_cache: bool
+) -> None:
+    # both of FFCV's memory managers: mapping the file, and reading it page by page (the last
+    # page is shorter than a page, as we write it)
+    rows = make_store(tmp_path / "again", num_models=SMALL_MODELS, completed=SMALL_COMPLETED)
+    summary = write_beton(small_store, tmp_path / "data.beton")
+    models = SMALL_COMPLETED
+    ffcv = ffcv_classes()
+    reader = ffcv.Reader(str(tmp_path / "data.beton"))
+    assert reader.num_samples == 150 and list(reader.handlers) == ["mask", "targets", "idx"]
+    assert int(reader.page_size) == 4096 and len(reader.alloc_table) == 2 * 150
+    mask, targets, idx = ffcv_loader_rows(tmp_path / "data.beton", os_cache=os_cache)
+    np.testing.assert_array_equal(mask, rows["masks"][models])
+    np.testing.assert_array_equal(targets, rows["margins"][models].astype(np.float32))
+    np.testing.assert_array_equal(idx.reshape(-1), models)
+    assert summary.nbytes == (tmp_path / "data.beton").stat().st_size
+
+
+def test_our_file_is_ffcvs_single_writer_file(tmp_path: Path, small_store: Path) -> None:
+    # With FFCV's smallest page (2 MiB) and one writer process, FFCV writes the same bytes,
+    # except that it pads the last page to a whole page (so its allocation table starts later)
+    rows = make_store(tmp_path / "again", num_models=SMALL_MODELS, completed=SMALL_COMPLETED)
+    models = SMALL_COMPLETED
+    ffcv = ffcv_classes()
+    fields = {
+        "mask": ffcv.NDArrayField(dtype=np.dtype(np.bool_), shape=(N_FEATURES,)),
+        "targets": ffcv.NDArrayField(dtype=np.dtype(np.float32), shape=(N_TARGETS,)),
+        "idx": ffcv.IntField(),
+    }
+    dataset = [(rows["masks"][m], rows["margins"][m].astype(np.float32), int(m)) for m in models]
+    threads = torch.get_num_threads()
+    writer = ffcv.GuardedWriter(
+        str(tmp_path / "ffcv.beton"), fields, page_size=1 << 21, num_workers=1
+    )
+    writer.from_indexed_dataset(dataset, chunksize=100)
+    torch.set_num_threads(threads)
+    with Store.open(small_store) as store:
+        plan = beton_writer.plan_write(
+            store,
+            tmp_path / "ours.beton",
+            x_name="masks",
+            y_name="margins",
+            y_slice=None,
+            completed_name="_completed",
+            ignore_completed=False,
+        )
+    layout = beton_format.RowLayout(150, np.dtype(np.bool_), N_FEATURES, N_TARGETS, 1 << 21)
+    beton_writer._write_file(beton_writer._PageWriter(plan, layout), tmp_path / "ours.beton", 1)
+    theirs = (tmp_path / "ffcv.beton").read_bytes()
+    ours = (tmp_path / "ours.beton").read_bytes()
+    end = layout.data_end
+    assert (
+        len(theirs) == layout.data_start + (1 << 21) + 2 * 150 * 24
+        and len(ours) == layout.file_size
+    )
+    header = beton_format.HEADER_TYPE.itemsize
+    ptr = np.frombuffer(theirs[:header], dtype=beton_format.HEADER_TYPE)[0]["alloc_table_ptr"]
+    assert int(ptr) == layout.data_start + (1 << 21)
+    assert ours[8:16] == theirs[8:16]  # number of rows (and, before it, version, fields, page)
+    assert ours[:8] == theirs[:8] and ours[header:end] == theirs[header:end]
+    assert theirs[end : int(ptr)] == bytes(int(ptr) - end)  # FFCV's padding: zeros
+    assert ours[end:] == theirs[int(ptr) :]  # the same allocation table
+
+
+def test_our_format_types_are_ffcvs() -> None:
+    import ffcv.fields.ndarray
+    import ffcv.types
+
+    assert ffcv.types.HeaderType == beton_format.HEADER_TYPE
+    assert ffcv.types.FieldDescType == beton_format.FIELD_DESC_TYPE
+    assert beton_format.ALLOC_TABLE_TYPE == ffcv.types.ALLOC_TABLE_TYPE
+    assert ffcv.fields.ndarray.NDArrayArgsType == beton_format.NDARRAY_ARGS_TYPE
+    assert beton_format.FORMAT_VERSION == ffcv.types.CURRENT_VERSION
+    ids = {cls.__name__: i for i, cls in ffcv.types.TYPE_ID_HANDLER.items() if cls is not None}
+    assert ids["IntField"] == beton_format.INT_FIELD_ID
+    assert ids["NDArrayField"] == beton_format.NDARRAY_FIELD_ID
+    assert ids["FloatField"] == beton_format.FLOAT_FIELD_ID
+    for dtype, shape in [(np.dtype(np.bool_), (60,)), (np.dtype(np.float32), (797,))]:
+        field = ffcv.fields.NDArrayField(dtype=dtype, shape=shape)
+        theirs = field.to_binary().tobytes()
+        assert beton_format.ndarray_arguments(dtype, shape).tobytes() == theirs
+
+
+def test_we_read_a_file_ffcvs_writer_scattered(tmp_path: Path) -> None:
+    # FFCV's writer with two processes puts rows in pages in any order (the seed's files)
+    rows = make_store(tmp_path / "store", num_models=300, completed=np.arange(300))
+    ffcv = ffcv_classes()
+    fields = {
+        "mask": ffcv.NDArrayField(dtype=np.dtype(np.bool_), shape=(N_FEATURES,)),
+        "targets": ffcv.NDArrayField(dtype=np.dtype(np.float32), shape=(N_TARGETS,)),
+        "idx": ffcv.IntField(),
+    }
+    dataset = [(rows["masks"][m], rows["margins"][m].astype(np.float32), m) for m in range(300)]
+    threads = torch.get_num_threads()
+    writer = ffcv.GuardedWriter(
+        str(tmp_path / "seed.beton"), fields, page_size=1 << 21, num_workers=2
+    )
+    writer.from_indexed_dataset(dataset, chunksize=10)
+    torch.set_num_threads(threads)
+    source = BetonSource(tmp_path / "seed.beton")
+    np.testing.assert_array_equal(source.model_indices(), np.arange(300))
+    for shuffle in (False, True):
+        x, y, got, _ = collect(source.batches(np.arange(300), 64, device=CPU, shuffle=shuffle))
+        np.testing.assert_array_equal(x.numpy(), rows["masks"][got.numpy()].astype(np.float32))
+        np.testing.assert_array_equal(y.numpy(), rows["margins"][got.numpy()].astype(np.float32))
+
+
+def test_threads_write_the_bytes_one_thread_writes(
+    tmp_path: Path, small_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_beton(small_store, tmp_path / "one.beton", num_workers=1)  # one unit: every row
+    # one row per unit of work, across the pages' ends, by three threads in any order
+    monkeypatch.setattr(beton_writer, "_BLOCK_BYTES", 1)
+    write_beton(small_store, tmp_path / "three.beton", num_workers=3)
+    assert (tmp_path / "one.beton").read_bytes() == (tmp_path / "three.beton").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("row_bytes", "page_size"),
+    [
+        (1, 4096),
+        (76, 8192),
+        (4188, 1 << 19),
+        (90_000, 1 << 23),
+        (40 << 20, 1 << 31),
+        (1 << 31, 1 << 31),
+    ],
+)
+def test_page_size_holds_64_rows(row_bytes: int, page_size: int) -> None:
+    assert beton_format.choose_page_size(row_bytes) == page_size
+    assert page_size // row_bytes >= 1
+
+
+def test_page_size_of_a_row_too_large() -> None:
+    with pytest.raises(beton_format.FormatError, match="more than a page can hold"):
+        beton_format.choose_page_size((1 << 31) + 1)
+
+
+def test_a_small_store_gives_a_small_file(tmp_path: Path) -> None:
+    # minimal's shape: 300 models of 60 bool mask values and 4 float16 targets; 76 bytes a
+    # row written, plus FFCV's 24 of metadata and 48 of allocation table per row
+    spec = Spec.from_dict(
+        {
+            "num_models": 300,
+            "schema": {
+                "masks": {"shape": [60], "dtype": "bool_"},
+                "margins": {"shape": [4], "dtype": "float16"},
+            },
+        }
+    )
+    with Store.initialize(tmp_path / "store", spec) as store:
+        store.write_rows(
+            [(i, {"masks": np.ones(60, bool), "margins": np.zeros(4)}) for i in range(300)]
+        )
+    summary = write_beton(tmp_path / "store", tmp_path / "data.beton")
+    assert summary.nbytes < 60_000  # 16.8 MB with FFCV's writer's pages
+    assert summary.nbytes >= 300 * (76 + 24 + 48)
+
+
+def test_large_rows_in_any_order(tmp_path: Path) -> None:
+    # rows of 5,000 mask values are copied one by one when scattered, as runs when in order
+    spec = Spec.from_dict(
+        {
+            "num_models": 40,
+            "schema": {
+                "masks": {"shape": [5000], "dtype": "bool_"},
+                "margins": {"shape": [3], "dtype": "float32"},
+            },
+        }
+    )
+    rng = np.random.default_rng(4)
+    masks = rng.random((40, 5000)) < 0.5
+    margins = rng.standard_normal((40, 3)).astype(np.float32)
+    with Store.initialize(tmp_path / "store", spec) as store:
+        store.write_rows([(i, {"masks": masks[i], "margins": margins[i]}) for i in range(40)])
+    write_beton(tmp_path / "store", tmp_path / "data.beton")
+    source = BetonSource(tmp_path / "data.beton", target_start=1)
+    for shuffle in (False, True):
+        x, y, got, _ = collect(source.batches(np.arange(40), 16, device=CPU, shuffle=shuffle))
+        order = got.numpy()
+        np.testing.assert_array_equal(x.numpy(), masks[order].astype(np.float32))
+        np.testing.assert_array_equal(y.numpy(), margins[order, 1:])
