@@ -3,9 +3,13 @@
     python -m dm_assets.ui dagster [--port 3000]   # dagster dev -w workspace.yaml
     python -m dm_assets.ui mlflow  [--port 5000]   # mlflow ui on $DM_HOME/mlflow.db
 
-The Dagster instance is ``$DAGSTER_HOME`` (default ``$DM_HOME/dagster``, prepared with the
-shipped ``dm_assets/dagster.yaml``), the same one ``python -m dm_assets.launch`` uses, so the
-UI shows the runs launched from the command line.
+The Dagster UI serves the storage of the instance ``python -m dm_assets.launch`` and
+``dagster job launch`` use (``$DAGSTER_HOME``, default ``$DM_HOME/dagster``, prepared with the
+shipped ``dm_assets/dagster.yaml``), so it shows the runs launched from the command line,
+through an instance of its own, ``$DAGSTER_HOME/ui``
+(:func:`dm_assets.pipeline.runs.prepare_ui_dagster_home`): its runs and backfills are queued,
+and the daemon that ``dagster dev`` starts beside the webserver starts them (the queue within a
+second; a backfill's next stage at the backfill daemon's next tick, every 30 s).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dm_assets.home import dm_home, mlflow_artifact_root, mlflow_tracking_uri
-from dm_assets.pipeline.runs import REPO_ROOT, prepare_dagster_home
+from dm_assets.pipeline.runs import REPO_ROOT, prepare_ui_dagster_home
 
 HOST = "127.0.0.1"
 DAGSTER_PORT = 3000
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     port = args.port or (DAGSTER_PORT if args.which == "dagster" else MLFLOW_PORT)
     if args.which == "dagster":
-        prepare_dagster_home()
+        prepare_ui_dagster_home()
     dm_home().mkdir(parents=True, exist_ok=True)
     argv_ = command(args.which, port)
     print(f"serving {args.which} on http://{HOST}:{port} (data: {dm_home()})", flush=True)

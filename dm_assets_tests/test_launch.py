@@ -1,6 +1,8 @@
 """``python -m dm_assets.launch``: interrupting it terminates the Dagster run, and the run's
 worker processes end with it; a fit without trained models fails with a clear message; runs
-whose worker process is gone are reaped before a launch (:mod:`dm_assets.pipeline.runs`)."""
+whose worker process is gone are reaped before a launch (:mod:`dm_assets.pipeline.runs`); a
+launch needs no daemon (the UI's instance queues its runs for one; the command line's does not)
+(:mod:`dm_assets.pipeline.run_worker`)."""
 
 from __future__ import annotations
 
@@ -241,3 +243,53 @@ def test_a_bad_experiment_file_is_reported_without_a_traceback(tmp_path: Path) -
         assert "num_train + num_val = 20 + 10 = 30 is more than" in proc.stderr, output
         # caught in this process, before any run was submitted
         assert not (tmp_path / "home" / "dagster" / "launch_logs").exists()
+
+
+def test_no_wait_returns_once_started_and_the_run_goes_on_without_a_daemon(
+    tmp_path: Path,
+) -> None:
+    """A launch executes its run itself: no daemon runs here, and the run of two partitions
+    (one run) still succeeds."""
+    env = {**environment(tmp_path), "SLEEPY_SECONDS": "0.01"}
+    launch = [sys.executable, "-m", "dm_assets.launch", "sleepy_train"]
+    proc = subprocess.run(
+        [*launch, "--partitions", "10-19...20-29", "--no-wait"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r"as run ([0-9a-f-]{36})", proc.stdout)
+    assert found is not None, proc.stdout
+    run_id = found[1]
+    home = Path(env["DAGSTER_HOME"])
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + 120
+        while (run := instance.get_run_by_id(run_id)) is None or not run.is_finished:
+            assert time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.tags["dagster/asset_partition_range_start"] == "10-19"
+        assert run.tags["dagster/asset_partition_range_end"] == "20-29"
+        assert [r.run_id for r in instance.get_runs()] == [run_id]
+    # the output of the run's processes, under the run's id
+    assert (home / "launch_logs" / f"{run_id}.log").stat().st_size > 0
+    with Store.open(tmp_path / "home" / "sleepy" / "store") as store:
+        assert list(store.completed_indices()) == list(range(10, 30))
+
+
+def test_run_worker_refuses_an_unknown_job(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dm_assets.pipeline.run_worker", "nope", "--tags", "{}"],
+        cwd=REPO_ROOT,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no job 'nope'; the jobs are: " in proc.stderr
+    assert "sleepy_train" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -55,3 +55,14 @@ def build_definitions(
 
 
 defs = build_definitions(load_experiments())
+
+
+def job_names() -> list[str]:
+    """The names of the jobs of :data:`defs`."""
+    return [job.name for job in defs.jobs or []]
+
+
+def job_definition(name: str) -> dg.JobDefinition:
+    """The job ``name`` of :data:`defs`, resolved: what a run worker
+    (:mod:`dm_assets.pipeline.run_worker`) reconstructs and executes."""
+    return defs.resolve_job_def(name)

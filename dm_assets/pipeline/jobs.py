@@ -115,7 +115,10 @@ def job_specs(experiment: Experiment) -> list[JobSpec]:
             group=name,
             partition_keys=models,
             description=f"Everything of {name!r} but its target slices, over the selected "
-            "training partitions.",
+            "training partitions. Launched as a single run over a range of partitions, it "
+            "runs everything in one run; a backfill runs each stage (the store, the training "
+            "partitions, the fit) as a run of its own, each started by a tick of the backfill "
+            "daemon (every 30 s).",
         )
     )
     return specs

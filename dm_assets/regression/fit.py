@@ -76,13 +76,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from dm_assets.errors import DmError
 from dm_assets.regression.manifest import FitManifest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _save_weights(path: Path, weights: dict[str, Any]) -> None:
@@ -291,6 +293,8 @@ class FitFolder:
 
     def path_table(self) -> pd.DataFrame:
         """``regularization_path.csv``: one row per (target, lambda step) reached."""
+        import pandas as pd
+
         return pd.read_csv(self.file("regularization_path.csv"))
 
     def summary(self) -> dict[str, Any]:
@@ -357,6 +361,8 @@ class FitFolder:
 
     def per_target(self) -> pd.DataFrame | None:
         """``evaluation_per_target.csv``, or None when the fit was not evaluated."""
+        import pandas as pd
+
         path = self.file("evaluation_per_target.csv")
         return pd.read_csv(path) if path.is_file() else None
 

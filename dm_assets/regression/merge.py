@@ -36,14 +36,15 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dm_assets.errors import DmError
 from dm_assets.regression.fit import FitFolder, FitFolderError
 from dm_assets.regression.manifest import FitManifest, ManifestError, merged_manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 # config keys that legitimately differ between slices of one regression
 _PER_SLICE_KEYS = {
@@ -180,6 +181,8 @@ def _consistency_problems(fits: Sequence[_SliceFit]) -> list[str]:
                         f"config {section}.{key}: {values.get(key)!r} in {first.folder} but "
                         f"{other.get(key)!r} in {fit.folder}; refit the slices with one config"
                     )
+        import torch
+
         for name in ("mean", "std"):
             a, b = first.weights[name], fit.weights[name]
             if a.shape != b.shape or not torch.allclose(a, b, rtol=_STATS_RTOL, atol=0.0):
@@ -291,6 +294,10 @@ def merge_fits(
     problems = _tiling_problems(fits) + _consistency_problems(fits)
     if problems:
         raise MergeError(problems)
+    # imported here: the definitions import this module, and every Dagster process loads them
+    import pandas as pd
+    import torch
+
     weights = {
         "weight": torch.cat([f.weights["weight"] for f in fits], dim=1),
         "bias": torch.cat([f.weights["bias"] for f in fits]),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -263,6 +264,26 @@ def check_arguments(
     if found:
         raise ValueError(f"{launcher}: " + "; ".join(found))
     return list(dict.fromkeys(block))
+
+
+def signal_name(number: int) -> str | None:
+    """The name of signal ``number`` (``SIGTERM`` for 15), None when it names none."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
+def exit_code_words(code: int) -> str:
+    """A process's exit code with the signal it names, if any: ``-9 (killed by SIGKILL)``
+    (Python's code for a process a signal killed), ``143 (stopped by SIGTERM)`` (128 + the
+    signal's number: what a shell reports, and what the worker exits with after it stops on
+    SIGTERM or SIGINT), else just the code (``1``)."""
+    if code < 0 and (name := signal_name(-code)):
+        return f"{code} (killed by {name})"
+    if code > 128 and (name := signal_name(code - 128)):
+        return f"{code} (stopped by {name})"
+    return str(code)
 
 
 def launcher_logs(store_dir: Path, log_dir: str | os.PathLike[str] | None) -> Path:

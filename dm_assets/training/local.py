@@ -50,6 +50,7 @@ from dm_assets.training.launcher import (
     WorkerCommand,
     check_arguments,
     compact_ranges,
+    exit_code_words,
     is_positive_int,
     launcher_logs,
     run_rounds,
@@ -92,11 +93,7 @@ class _Worker:
 
     def describe_exit(self) -> str:
         code = self.proc.returncode
-        text = f"worker process exited with code {code}"
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                text += f" (killed by {signal.Signals(-code).name})"
-        return text
+        return f"worker process exited with code {code if code is None else exit_code_words(code)}"
 
     def finished(self) -> Finished:
         return Finished(

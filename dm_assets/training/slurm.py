@@ -73,9 +73,11 @@ from dm_assets.training.launcher import (
     WorkerCommand,
     check_arguments,
     compact_ranges,
+    exit_code_words,
     is_positive_int,
     launcher_logs,
     run_rounds,
+    signal_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -309,10 +311,14 @@ def never_starts(state: str, reason: str) -> bool:
 
 
 def describe_exit_code(exit_code: str) -> str:
-    """scontrol's ``ExitCode`` (``"3:0"``, ``"0:9"``) in words: ``"exit code 3"``, ``"killed
-    by signal 9"``."""
+    """scontrol's ``ExitCode`` (``"3:0"``, ``"0:9"``, ``"143:0"``) in words: ``"exit code 3"``,
+    ``"killed by signal 9 (SIGKILL)"``, ``"exit code 143 (stopped by SIGTERM)"`` (the worker's
+    own exit after ``scancel`` or a time limit)."""
     code, _, sig = exit_code.partition(":")
-    return f"killed by signal {sig}" if sig not in ("", "0") else f"exit code {code}"
+    if sig not in ("", "0"):
+        name = signal_name(int(sig)) if sig.isdigit() else None
+        return f"killed by signal {sig}" + (f" ({name})" if name else "")
+    return f"exit code {exit_code_words(int(code)) if code.isdigit() else code}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """reap_dead_runs: runs whose recorded run worker process is dead are failed (and their pool
 slots freed); a run with no recorded process is never failed for its age once it started (a
 healthy long run), only a run stuck STARTING past the instance's run-monitoring start timeout,
-as Dagster's own run monitoring does."""
+as Dagster's own run monitoring does. The shipped instance configurations (runs at once for the
+command line, queued for the UI, one storage) and how a launch finds, follows and terminates
+the run its worker executes."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -98,3 +101,115 @@ def test_run_stuck_starting_past_the_start_timeout_is_failed(
     assert status(instance, fresh) == dg.DagsterRunStatus.FAILURE
     failure = instance.all_logs(fresh, of_type=dg.DagsterEventType.RUN_FAILURE)
     assert "did not start its run worker within" in (failure[-1].message or "")
+
+
+def test_the_ui_queues_its_runs_and_the_command_line_needs_no_daemon(tmp_path: Path) -> None:
+    """The UI's launch dialog warns about backfills without a queued run coordinator: the UI's
+    instance has one (the daemon dequeues every second); the command line's starts runs at
+    once (`dagster job launch` in CI, no daemon). Both are one storage: each sees the other's
+    runs, and both keep the gpu pool's limit."""
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    env = {"DAGSTER_HOME": str(tmp_path / "dagster")}
+    cli_home = runs.prepare_dagster_home(dict(env))
+    ui_home = runs.prepare_ui_dagster_home(env)
+    assert ui_home == cli_home / "ui" and env["DAGSTER_HOME"] == str(ui_home)
+    with (
+        dg.DagsterInstance.from_config(str(cli_home)) as cli,
+        dg.DagsterInstance.from_config(str(ui_home)) as ui,
+    ):
+        # what the UI's `runQueuingSupported` checks
+        assert isinstance(ui.run_coordinator, QueuedRunCoordinator)
+        assert ui.run_coordinator.dequeue_interval_seconds == 1
+        assert ui.run_coordinator.get_run_queue_config().max_concurrent_runs == 10
+        assert not isinstance(cli.run_coordinator, QueuedRunCoordinator)
+        for instance in (cli, ui):
+            assert instance.get_concurrency_config().pool_config.default_pool_limit == 2
+        from_cli = cli.add_run(dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4())))
+        from_ui = ui.add_run(dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4())))
+        assert ui.get_run_by_id(from_cli.run_id) is not None
+        assert cli.get_run_by_id(from_ui.run_id) is not None
+        logs = [i.compute_log_manager._base_dir for i in (cli, ui)]  # type: ignore[attr-defined]
+        assert logs[0] == logs[1] == str(cli_home / "storage")
+    assert not (ui_home / "history").exists()  # no storage of its own
+    assert runs._sha256(cli_home / "dagster.yaml") not in runs.EARLIER_SHIPPED_CONFIGS
+
+
+def test_prepare_dagster_home_replaces_only_an_untouched_earlier_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    earlier = "run_coordinator:\n  module: dagster._core.run_coordinator\n"
+    edited = earlier + "# mine\n"
+    monkeypatch.setattr(
+        runs, "EARLIER_SHIPPED_CONFIGS", {hashlib.sha256(earlier.encode()).hexdigest()}
+    )
+    shipped = runs.SHIPPED_INSTANCE_CONFIG.read_text()
+    for text, expected in ((earlier, shipped), (edited, edited)):
+        home = tmp_path / str(len(text))
+        home.mkdir()
+        (home / "dagster.yaml").write_text(text)
+        assert runs.prepare_dagster_home({"DAGSTER_HOME": str(home)}) == home.resolve()
+        assert (home / "dagster.yaml").read_text() == expected
+    fresh = tmp_path / "fresh"
+    env = {"DAGSTER_HOME": str(fresh)}
+    runs.prepare_dagster_home(env)
+    assert (fresh / "dagster.yaml").read_text() == shipped
+    assert env["DAGSTER_HOME"] == str(fresh.resolve())
+
+
+def test_wait_for_run_is_none_when_the_worker_exits_without_a_run(
+    instance: dg.DagsterInstance,
+) -> None:
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert runs.wait_for_run(instance, "no-such-launch", worker) is None
+    assert worker.returncode == 3
+
+
+def test_wait_for_run_finds_the_run_by_its_launch_tag(instance: dg.DagsterInstance) -> None:
+    run = instance.add_run(
+        dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4()), tags={runs.LAUNCH_ID_TAG: "L1"})
+    )
+    instance.add_run(dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4())))
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert runs.wait_for_run(instance, "L1", worker) == run.run_id
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_follow_run_fails_a_run_whose_worker_ended_first(instance: dg.DagsterInstance) -> None:
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    worker.wait()
+    run_id = add_run(instance, dg.DagsterRunStatus.STARTED, worker.pid)
+    lines: list[str] = []
+    code = runs.follow_run(run_id, instance=instance, process=worker, echo=lines.append)
+    assert code == runs.EXIT_FAILED
+    assert status(instance, run_id) == dg.DagsterRunStatus.FAILURE
+    assert f"its run worker (pid {worker.pid}) exited with code 3" in lines[-1]
+    assert instance.event_log_storage.get_concurrency_info("gpu").active_run_ids == set()
+
+
+INTERRUPTIBLE = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_terminate_run_marks_it_canceling_and_interrupts_its_worker(
+    instance: dg.DagsterInstance,
+) -> None:
+    worker = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE], stdout=subprocess.PIPE)
+    assert worker.stdout is not None and worker.stdout.readline() == b"ready\n"
+    run_id = add_run(instance, dg.DagsterRunStatus.STARTED, worker.pid)
+    said: list[str] = []
+    runs.terminate_run(instance, run_id, process=worker, warn=said.append)
+    assert worker.returncode == 130  # interrupted, and waited for
+    assert status(instance, run_id) == dg.DagsterRunStatus.CANCELING
+    assert said == [f"interrupted: terminating run {run_id}"]
+    # a finished run is left alone
+    instance.report_run_failed(instance.get_run_by_id(run_id))  # type: ignore[arg-type]
+    runs.terminate_run(instance, run_id, process=worker, warn=said.append)
+    assert len(said) == 1

@@ -26,6 +26,7 @@ from dm_assets.training.launcher import (
     compact_ranges,
     completed_blocks,
     done_mask,
+    exit_code_words,
     is_positive_int,
     launcher_logs,
     log_tail,
@@ -483,3 +484,13 @@ def test_run_rounds_stops_the_workers_on_an_exception(store_dir: Path, tmp_path:
     with pytest.raises(KeyboardInterrupt):
         run_rounds(store_dir, range(5), transport, retries=1, on_progress=None, progress_every=0)
     assert transport.stopped == 1 and transport.rounds == [[0, 1, 2, 3, 4], [3]]
+
+
+def test_exit_code_words_name_the_signal() -> None:
+    assert exit_code_words(0) == "0"
+    assert exit_code_words(1) == "1"
+    assert exit_code_words(-9) == "-9 (killed by SIGKILL)"
+    # the worker's own exit after it stopped on SIGTERM (the launcher's stop, scancel) or SIGINT
+    assert exit_code_words(143) == "143 (stopped by SIGTERM)"
+    assert exit_code_words(130) == "130 (stopped by SIGINT)"
+    assert exit_code_words(128 + 200) == "328"  # no such signal: the code alone

@@ -168,7 +168,9 @@ def test_failing_indices_named_with_slurm_reason(
     assert re.search(r"SLURM task \d+_0 ended FAILED", report.failed[3])
     for i in (9, 10, 11):
         reason = report.failed[i]
-        assert re.search(r"SLURM task \d+_2 ended FAILED \(.*killed by signal 9\)", reason)
+        assert re.search(
+            r"SLURM task \d+_2 ended FAILED \(.*killed by signal 9 \(SIGKILL\)\)", reason
+        )
         assert "last lines of" in reason and "task_2.log" in reason
         assert "indices 8-11" in reason  # the task's header line, from its log
     assert "index 3: main() raised RuntimeError" in report.summary()

@@ -199,6 +199,9 @@ def test_never_starts_reasons() -> None:
 def test_describe_exit_code() -> None:
     assert describe_exit_code("3:0") == "exit code 3"
     assert describe_exit_code("0:0") == "exit code 0"
-    assert describe_exit_code("0:9") == "killed by signal 9"
-    assert describe_exit_code("0:15") == "killed by signal 15"
+    assert describe_exit_code("0:9") == "killed by signal 9 (SIGKILL)"
+    assert describe_exit_code("0:15") == "killed by signal 15 (SIGTERM)"
+    # the worker's own exit after SLURM's SIGTERM (scancel, a time limit) or a Ctrl-C
+    assert describe_exit_code("143:0") == "exit code 143 (stopped by SIGTERM)"
+    assert describe_exit_code("130:0") == "exit code 130 (stopped by SIGINT)"
     assert describe_exit_code("2") == "exit code 2"
