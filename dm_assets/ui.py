@@ -1,7 +1,12 @@
 """Open the Dagster or MLflow UI on this project's data (``$DM_HOME``), on 127.0.0.1.
 
-    python -m dm_assets.ui dagster [--port 3000]   # dagster dev -w workspace.yaml
+    python -m dm_assets.ui dagster [--port 3000] [--mlflow-port 5000]  # dagster dev
     python -m dm_assets.ui mlflow  [--port 5000]   # mlflow ui on $DM_HOME/mlflow.db
+
+The Dagster metadata links into the MLflow UI (``mlflow_run``, ``mlflow_ui``) at
+``$DM_MLFLOW_UI_URL``, default http://127.0.0.1:5000; ``--mlflow-port`` sets it for the runs the
+Dagster UI starts (serve MLflow on another port with ``mlflow --port N`` and Dagster with
+``--mlflow-port N``).
 
 The Dagster UI serves the storage of the instance ``python -m dm_assets.launch`` and
 ``dagster job launch`` use (``$DAGSTER_HOME``, default ``$DM_HOME/dagster``, prepared with the
@@ -27,8 +32,16 @@ HOST = "127.0.0.1"
 DAGSTER_PORT = 3000
 MLFLOW_PORT = 5000
 # where `python -m dm_assets.ui mlflow` serves the MLflow UI by default: the links in the
-# Dagster metadata (dm_assets.pipeline.resources.mlflow_tracking) point here
+# Dagster metadata (dm_assets.pipeline.resources.mlflow_tracking) point here unless
+# MLFLOW_UI_URL_ENV names another address
 MLFLOW_UI_URL = f"http://{HOST}:{MLFLOW_PORT}"
+MLFLOW_UI_URL_ENV = "DM_MLFLOW_UI_URL"
+
+
+def mlflow_ui_url() -> str:
+    """Where the Dagster metadata's links open the MLflow UI: ``$DM_MLFLOW_UI_URL``, else
+    :data:`MLFLOW_UI_URL`."""
+    return (os.environ.get(MLFLOW_UI_URL_ENV) or MLFLOW_UI_URL).rstrip("/")
 
 
 def command(which: str, port: int, host: str = HOST) -> list[str]:
@@ -56,6 +69,10 @@ def command(which: str, port: int, host: str = HOST) -> list[str]:
         host,
         "--port",
         str(port),
+        # one user's local UI: MLflow's default of 4 workers takes minutes to start on 2 busy
+        # cores, its supervisor restarting them
+        "--workers",
+        "1",
     ]
 
 
@@ -63,7 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dm_assets.ui", description=__doc__)
     parser.add_argument("which", choices=["dagster", "mlflow"])
     parser.add_argument("--port", type=int, default=None, help="default 3000 / 5000")
+    parser.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=None,
+        help=f"dagster only: the port of the MLflow UI the metadata links open (default: "
+        f"${MLFLOW_UI_URL_ENV}, else {MLFLOW_PORT})",
+    )
     args = parser.parse_args(argv)
+    if args.mlflow_port is not None:
+        if args.which != "dagster":
+            parser.error("--mlflow-port goes with `dagster`; serve MLflow with `mlflow --port N`")
+        os.environ[MLFLOW_UI_URL_ENV] = f"http://{HOST}:{args.mlflow_port}"
     port = args.port or (DAGSTER_PORT if args.which == "dagster" else MLFLOW_PORT)
     if args.which == "dagster":
         prepare_ui_dagster_home()

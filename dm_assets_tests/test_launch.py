@@ -6,6 +6,7 @@ launch needs no daemon (the UI's instance queues its runs for one; the command l
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -293,3 +294,35 @@ def test_run_worker_refuses_an_unknown_job(tmp_path: Path) -> None:
     assert "no job 'nope'; the jobs are: " in proc.stderr
     assert "sleepy_train" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dagster_job_launch_runs_at_once_without_a_daemon(tmp_path: Path) -> None:
+    """CI may use Dagster's own command: on the shipped instance `dagster job launch` starts the
+    run at once (no daemon runs here) and it succeeds; the UI's queued instance is separate."""
+    from dm_assets.pipeline.runs import prepare_dagster_home
+
+    env = {**environment(tmp_path), "SLEEPY_SECONDS": "0.01"}
+    home = prepare_dagster_home(env)
+    tags = json.dumps(partition_tags("sleepy_train", ["00-09"], "all"))
+    dagster = Path(sys.executable).parent / "dagster"
+    workspace = str(REPO_ROOT / "workspace.yaml")
+    proc = subprocess.run(
+        [str(dagster), "job", "launch", "-w", workspace, "-j", "sleepy_train", "--tags", tags],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        deadline = time.monotonic() + 240
+        while True:
+            found = instance.get_runs()
+            if found and found[0].is_finished:
+                break
+            assert time.monotonic() < deadline, found and found[0].status
+            time.sleep(0.5)
+        assert found[0].status == dg.DagsterRunStatus.SUCCESS, found[0].status
+    store = Store.open(Path(env["DM_HOME"]) / "sleepy" / "store")
+    assert set(store.completed_indices().tolist()) == set(range(10))

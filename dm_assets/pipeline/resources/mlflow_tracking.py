@@ -44,7 +44,7 @@ What one run records, for a fit directory written by ``write_outputs``:
 
 ``MlflowTracking(...).ui_command()`` is the shell command that opens the MLflow UI on the store;
 ``run_links(run_id)`` the Dagster metadata linking to the run in the UI that
-``python -m dm_assets.ui mlflow`` serves (:data:`dm_assets.ui.MLFLOW_UI_URL`).
+``python -m dm_assets.ui mlflow`` serves (:func:`dm_assets.ui.mlflow_ui_url`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from pydantic import Field
 from dm_assets.home import mlflow_artifact_root, mlflow_tracking_uri
 from dm_assets.regression.fit import FIT_FILES, MANIFEST_FILE, FitFolder
 from dm_assets.regression.manifest import FitManifest
-from dm_assets.ui import MLFLOW_UI_URL
+from dm_assets.ui import mlflow_ui_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -311,13 +311,13 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def run_links(self, run_id: str) -> dict[str, dg.MetadataValue]:
         """Dagster metadata linking to run ``run_id`` in the MLflow UI that
-        ``python -m dm_assets.ui mlflow`` serves (:data:`~dm_assets.ui.MLFLOW_UI_URL`):
+        ``python -m dm_assets.ui mlflow`` serves (:func:`~dm_assets.ui.mlflow_ui_url`):
         ``mlflow_run_id`` (text), ``mlflow_run`` (URL of the run's page) and ``mlflow_ui`` (URL
         of its experiment's runs, to compare them); empty when disabled."""
         if not self.enabled:
             return {}
         experiment_id = self.client().get_run(run_id).info.experiment_id
-        experiment_url = f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}"
+        experiment_url = f"{mlflow_ui_url()}/#/experiments/{experiment_id}"
         return {
             "mlflow_run_id": dg.MetadataValue.text(run_id),
             "mlflow_run": dg.MetadataValue.url(f"{experiment_url}/runs/{run_id}"),

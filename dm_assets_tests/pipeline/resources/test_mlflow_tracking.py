@@ -382,3 +382,11 @@ def test_run_links_open_the_run_in_the_mlflow_ui(tmp_path: Path, in_tmp_cwd: Pat
         f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}"
     )
     assert MlflowTracking(enabled=False).run_links(run_id) == {}
+
+    # an MLflow UI on another port: `python -m dm_assets.ui dagster --mlflow-port N` sets this
+    # for the runs the Dagster UI starts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DM_MLFLOW_UI_URL", "http://127.0.0.1:5123/")
+        assert tracking.run_links(run_id)["mlflow_run"] == dg.MetadataValue.url(
+            f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs/{run_id}"
+        )
