@@ -51,7 +51,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shlex
+import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -190,6 +193,61 @@ def _sqlite_file(uri: str) -> Path | None:
         return None
     path = uri[len(prefix) :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
+
+
+def _template_cache() -> Path:
+    """Where migrated empty MLflow databases are kept, one per MLflow version:
+    ``$DM_CACHE`` if set, else ``$XDG_CACHE_HOME/dm_assets`` (default ``~/.cache/dm_assets``)."""
+    if os.environ.get("DM_CACHE"):
+        return Path(os.environ["DM_CACHE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "dm_assets"
+
+
+def _migrated_template() -> Path:
+    """A migrated, empty MLflow SQLite database of the installed MLflow version, made once per
+    machine: MLflow migrates a new file through its whole schema history (about 10 s on 2
+    cores), the larger part of a first fit's logging into a fresh ``DM_HOME``."""
+    import mlflow
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    cache = _template_cache()
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists():
+        return template
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / (template.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        if not template.exists():
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                building = Path(tmp) / "empty.db"
+                SqlAlchemyStore(f"sqlite:///{building}", Path(tmp).as_uri()).engine.dispose()
+                os.replace(building, template)
+    return template
+
+
+def _create_sqlite_store(db: Path, artifact_root: Path) -> None:
+    """A new MLflow database at ``db``: a copy of :func:`_migrated_template` whose ``Default``
+    experiment keeps its artifacts in ``artifact_root / "0"``, renamed into place when
+    complete. Where the template cannot be made or copied (an unwritable cache), MLflow
+    creates and migrates the file itself, with the same result."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(_migrated_template(), tmp)
+        with sqlite3.connect(tmp) as connection:
+            connection.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                "last_update_time = ? WHERE experiment_id = 0",
+                ((artifact_root / "0").as_uri(), *[int(time.time() * 1000)] * 2),
+            )
+        connection.close()
+        os.replace(tmp, db)
+    except (OSError, sqlite3.Error) as error:
+        tmp.unlink(missing_ok=True)
+        logger.info("no migrated MLflow template (%s): MLflow creates %s itself", error, db)
+        SqlAlchemyStore(f"sqlite:///{db}", artifact_root.as_uri()).engine.dispose()
 
 
 @contextmanager
@@ -341,19 +399,17 @@ class MlflowTracking(dg.ConfigurableResource):
         )
 
     def client(self) -> MlflowClient:
-        """An ``MlflowClient`` on this store. A fresh SQLite file is created and migrated here,
-        with ``artifact_root()`` as its default artifact root, so MLflow's ``Default``
-        experiment keeps its artifacts in ``artifact_root() / "0"`` (not ``./mlruns`` in
-        whatever folder the first process happened to run in)."""
+        """An ``MlflowClient`` on this store. A fresh SQLite file is created here, migrated (a
+        copy of a migrated empty database kept per MLflow version, :func:`_migrated_template`),
+        with MLflow's ``Default`` experiment keeping its artifacts in ``artifact_root() / "0"``
+        (not ``./mlruns`` in whatever folder the first process happened to run in)."""
         from mlflow import MlflowClient
 
         uri = self.resolved_tracking_uri()
         db = _sqlite_file(uri)
         with _store_init_lock(uri), _quiet_migrations():
             if db is not None and not db.exists():
-                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-                SqlAlchemyStore(uri, self.artifact_root().as_uri()).engine.dispose()
+                _create_sqlite_store(db, self.artifact_root())
             return MlflowClient(tracking_uri=uri)
 
     def experiment_id(self, client: MlflowClient, experiment: str) -> str:

@@ -390,3 +390,36 @@ def test_run_links_open_the_run_in_the_mlflow_ui(tmp_path: Path, in_tmp_cwd: Pat
         assert tracking.run_links(run_id)["mlflow_run"] == dg.MetadataValue.url(
             f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs/{run_id}"
         )
+
+
+def test_a_new_store_is_a_copy_of_a_migrated_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow migrates a new SQLite file through its whole schema history (seconds): a new
+    store is a copy of one migrated empty database per MLflow version, its Default experiment
+    pointed at the store's artifact root; with no usable cache MLflow migrates the file
+    itself, with the same result."""
+    import mlflow
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DM_CACHE", str(cache))
+    for name in ("a", "b"):
+        home = tmp_path / name
+        client = MlflowTracking(home=str(home)).client()
+        assert client.get_experiment("0").artifact_location == (
+            (home / "mlflow-artifacts" / "0").as_uri()
+        )
+        run = client.create_run(MlflowTracking(home=str(home)).experiment_id(client, "e"))
+        client.log_metric(run.info.run_id, "m", 1.0)
+        assert client.get_metric_history(run.info.run_id, "m")[0].value == 1.0
+    assert (cache / f"mlflow-{mlflow.__version__}-empty.db").is_file()
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("DM_CACHE", str(blocked))
+    home = tmp_path / "c"
+    client = MlflowTracking(home=str(home)).client()
+    assert client.get_experiment("0").artifact_location == (
+        (home / "mlflow-artifacts" / "0").as_uri()
+    )
+    assert not list(home.glob(".mlflow.db.*"))
