@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -22,7 +23,7 @@ import pytest
 
 from dm_assets_tests.helpers import REPO_ROOT, cli_env
 
-WEBSERVER = REPO_ROOT / ".venv" / "bin" / "dagster-webserver"
+WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
 START_TIMEOUT = 90.0
 
 USER_EXPERIMENT = """
@@ -227,7 +228,7 @@ def test_the_shipped_experiments_can_be_left_out(tmp_path: Path) -> None:
         "print(json.dumps(keys))\n"
     )
     proc = subprocess.run(
-        [str(REPO_ROOT / ".venv" / "bin" / "python"), "-c", script],
+        [sys.executable, "-c", script],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
