@@ -19,20 +19,9 @@ import numpy as np
 
 @numba.njit(cache=True, nogil=True)
 def _gap(w: np.ndarray, r: np.ndarray, c: np.ndarray, yy: float, lam: float) -> float:
-    """The duality gap of ``w`` (``p,``) with ``r = c - G w`` kept current (module doc)."""
-    wc = 0.0
-    wr = 0.0
-    l1 = 0.0
-    rmax = 0.0
-    for i in range(w.shape[0]):
-        wc += w[i] * c[i]
-        wr += w[i] * r[i]
-        l1 += abs(w[i])
-        if abs(r[i]) > rmax:
-            rmax = abs(r[i])
-    mse = max(yy - wc - wr, 0.0)
-    s = 1.0 if rmax <= lam else lam / rmax
-    return max(0.5 * (1.0 + s * s) * mse + lam * l1 - s * (yy - wc), 0.0)
+    """The duality gap of ``w`` (``p,``) with ``r = c - G w`` kept current (module doc): the
+    working-set gap over every feature."""
+    return _ws_gap(w, r, c, w.shape[0], yy, lam, 0.0)
 
 
 @numba.njit(cache=True, nogil=True)
