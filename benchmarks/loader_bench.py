@@ -1,4 +1,4 @@
-"""Benchmark: reading regression rows through FFCV's loader against the store's memmap.
+"""Benchmark: reading regression rows from the beton (``BetonSource``) against the store's memmap.
 
 Run from the repository root::
 
@@ -8,9 +8,13 @@ A store with ``n`` models (``masks`` bool ``[p]``, ``margins`` float16 ``[t]``) 
 converted with ``write_beton``. Both ways then deliver every row once, in order, in batches of
 ``batch_size``, as float32 torch tensors on the CPU (what the solvers consume):
 
-- **FFCV**: ``BetonSource.batches`` (FFCV ``Loader``, numba-compiled decoding, copies out of its
-  reused buffers); the loader is built and compiled once before the clock starts (its one-off
-  cost is reported separately), as a solver reuses it across passes.
+- **beton** (keys ``ffcv`` in the JSON, kept for comparison with earlier results):
+  ``BetonSource.batches``: the FFCV-format file read through a numpy memory map, batches
+  gathered ahead by threads. Until the commit that made the dataset writer and reader
+  FFCV-free (issue 12), this was FFCV's ``Loader`` (numba-compiled decoding, copies out of its
+  reused buffers), and ``results/loader.json`` was measured that way; rerun to measure the
+  reader of today. A first short pass runs before the clock starts (its cost reported
+  separately), as a solver reuses the source across passes.
 - **memmap**: ``np.load(..., mmap_mode="r")`` of ``masks.npy`` and ``margins.npy``, sliced per
   batch and converted with ``torch.from_numpy(np.asarray(..., dtype=np.float32))``.
 
