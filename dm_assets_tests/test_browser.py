@@ -210,7 +210,7 @@ def _materialize_group_from_the_ui(page: Page, dagster: str, partitions: int) ->
 
     page.goto(f"{dagster}/locations/{LOCATION}/asset-groups/{EXPERIMENT}")
     page.get_by_role("button", name="Materialize all").click(timeout=UI_TIMEOUT_MS)
-    dialog = page.get_by_role("dialog")
+    dialog = page.get_by_role("dialog").filter(has_text=re.compile(r"Launch runs to materialize"))
     expect(dialog).to_contain_text(re.compile(r"Launch runs to materialize \d+ assets"))
     dialog.get_by_role("button", name="All", exact=True).click()
     expect(dialog).to_contain_text(f"{partitions} partitions selected")
@@ -320,6 +320,9 @@ def test_materialize_the_minimal_group_from_the_ui_and_see_its_per_lambda_chart(
     with _serve(logs, env) as urls:
         dagster, mlflow = urls["dagster"], urls["mlflow"]
         _wait_until_up("the Dagster UI", f"{dagster}/server_info", logs["dagster"], started)
+        # Dagster's one-off "Join the Dagster community" dialog opens a second after a page
+        # loads, over whatever dialog is open then; a user dismisses it once, as this does
+        assert _graphql(dagster, "mutation { setNuxSeen }", {})["setNuxSeen"]
         with sync_playwright() as playwright:
             args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses root else
             browser = playwright.chromium.launch(executable_path=chromium, args=args)
