@@ -55,6 +55,15 @@ def environment(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def finished_run(instance: dg.DagsterInstance, run_id: str, *, seconds: float) -> dg.DagsterRun:
+    """Run ``run_id`` once it has finished (waiting at most ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while (run := instance.get_run_by_id(run_id)) is None or not run.is_finished:
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+    return run
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Live processes (not zombies) whose command line or environment mentions ``text``."""
     found = []
@@ -267,10 +276,7 @@ def test_no_wait_returns_once_started_and_the_run_goes_on_without_a_daemon(
     run_id = found[1]
     home = Path(env["DAGSTER_HOME"])
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        deadline = time.monotonic() + 120
-        while (run := instance.get_run_by_id(run_id)) is None or not run.is_finished:
-            assert time.monotonic() < deadline, run
-            time.sleep(0.2)
+        run = finished_run(instance, run_id, seconds=120)
         assert run.status == dg.DagsterRunStatus.SUCCESS
         assert run.tags["dagster/asset_partition_range_start"] == "10-19"
         assert run.tags["dagster/asset_partition_range_end"] == "20-29"
@@ -316,13 +322,8 @@ def test_dagster_job_launch_runs_at_once_without_a_daemon(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        deadline = time.monotonic() + 240
-        while True:
-            found = instance.get_runs()
-            if found and found[0].is_finished:
-                break
-            assert time.monotonic() < deadline, found and found[0].status
-            time.sleep(0.5)
-        assert found[0].status == dg.DagsterRunStatus.SUCCESS, found[0].status
-    store = Store.open(Path(env["DM_HOME"]) / "sleepy" / "store")
-    assert set(store.completed_indices().tolist()) == set(range(10))
+        launched = instance.get_runs()[0]
+        run = finished_run(instance, launched.run_id, seconds=240)
+        assert run.status == dg.DagsterRunStatus.SUCCESS, run.status
+    with Store.open(Path(env["DM_HOME"]) / "sleepy" / "store") as store:
+        assert set(store.completed_indices().tolist()) == set(range(10))

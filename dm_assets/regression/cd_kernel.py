@@ -34,8 +34,9 @@ def _mse(w: np.ndarray, r: np.ndarray, c: np.ndarray, yy: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def _update(g: np.ndarray, w: np.ndarray, r: np.ndarray, i: int, lam: float) -> float:
-    """Exact minimization over coordinate ``i``; returns the weight's change."""
+def _update(g: np.ndarray, w: np.ndarray, r: np.ndarray, i: int, lam: float, n: int) -> float:
+    """Exact minimization over coordinate ``i`` of the first ``n`` coordinates (``n`` below the
+    arrays' length: a working set in arrays of larger capacity); returns the weight's change."""
     gii = g[i, i]
     if gii <= 0.0:
         return 0.0
@@ -51,7 +52,7 @@ def _update(g: np.ndarray, w: np.ndarray, r: np.ndarray, i: int, lam: float) -> 
     if delta != 0.0:
         w[i] = new
         col = g[i]  # G is symmetric: row i is column i, and contiguous
-        for j in range(r.shape[0]):
+        for j in range(n):
             r[j] -= delta * col[j]
     return delta
 
@@ -83,7 +84,7 @@ def _solve_one(
         # a full sweep admits new weights
         n_active = 0
         for i in range(p):
-            _update(g, w, r, i, lam)
+            _update(g, w, r, i, lam, p)
             if w[i] != 0.0:
                 active[n_active] = i
                 n_active += 1
@@ -97,7 +98,7 @@ def _solve_one(
             biggest = 0.0
             for a in range(n_active):
                 i = active[a]
-                change = abs(_update(g, w, r, i, lam)) * np.sqrt(g[i, i])
+                change = abs(_update(g, w, r, i, lam, p)) * np.sqrt(g[i, i])
                 if change > biggest:
                     biggest = change
             sweeps += 1
@@ -300,23 +301,7 @@ def _solve_working_set(
     while True:
         while sweeps < max_sweeps:
             for a in range(size):
-                gaa = ws_g[a, a]
-                if gaa <= 0.0:
-                    continue
-                old = w_ws[a]
-                z = r_ws[a] + gaa * old
-                if z > lam:
-                    new = (z - lam) / gaa
-                elif z < -lam:
-                    new = (z + lam) / gaa
-                else:
-                    new = 0.0
-                delta = new - old
-                if delta != 0.0:
-                    w_ws[a] = new
-                    row = ws_g[a]
-                    for b in range(size):
-                        r_ws[b] -= delta * row[b]
+                _update(ws_g, w_ws, r_ws, a, lam, size)
             sweeps += 1
             if _ws_gap(w_ws, r_ws, c_ws, size, yy, lam, 0.0) <= target:
                 break
