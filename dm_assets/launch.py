@@ -39,6 +39,7 @@ from dm_assets.pipeline.runs import (
     follow_run,
     job_partition_keys,
     launch_log_path,
+    open_instance,
     partition_tags,
     prepare_dagster_home,
     reap_dead_runs,
@@ -108,9 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the worker loads the definitions while this process imports Dagster and reaps
     process = start_run(args.job, tags, log_path=log_path)
     try:
-        from dagster import DagsterInstance
-
-        instance = DagsterInstance.get()
+        instance = open_instance()
         for dead in reap_dead_runs(instance):
             print(f"run {dead} had lost its process: marked failed, its pool slots freed")
         run_id = wait_for_run(instance, launch_id, process)

@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagster._utils.interrupts import capture_interrupts
 
     from dm_assets.pipeline import definitions
+    from dm_assets.pipeline.runs import open_instance
 
     jobs = definitions.job_names()
     if args.job not in jobs:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with (
         capture_interrupts(),
-        dg.DagsterInstance.get() as instance,
+        open_instance() as instance,
         dg.execute_job(job, instance=instance, tags=tags, raise_on_error=False) as result,
     ):
         return 0 if result.success else EXIT_FAILED

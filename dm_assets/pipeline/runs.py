@@ -14,6 +14,8 @@ does.
 - :func:`terminate_run`: stop a run and the processes it started;
 - :func:`reap_dead_runs`: mark failed the runs whose run worker process is gone.
 
+- :func:`ensure_instance_storage`, :func:`open_instance`: the instance's storage created by one
+  process at a time (Dagster's first-time SQLite set-up is not safe against a concurrent one);
 - :func:`prepare_ui_dagster_home`: the UI's instance, ``$DAGSTER_HOME/ui``: the same storage
   with a queued run coordinator for the daemon that ``dagster dev`` runs.
 
@@ -91,6 +93,74 @@ def prepare_dagster_home(environ: dict[str, str] | None = None) -> Path:
     return home
 
 
+# written into $DAGSTER_HOME once its storage exists, holding the sha256 of the dagster.yaml
+# it was created for
+STORAGE_READY_MARKER = ".dm_storage_ready"
+STORAGE_LOCK = ".dm_storage.lock"
+# what Dagster's default SQLite storage creates in $DAGSTER_HOME
+SQLITE_STORAGE_FILES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
+_CUSTOM_STORAGE = re.compile(
+    r"^(storage|run_storage|event_log_storage|schedule_storage)\s*:", re.MULTILINE
+)
+
+
+def _storage_ready(home: Path) -> bool:
+    config = home / "dagster.yaml"
+    marker = home / STORAGE_READY_MARKER
+    try:
+        if marker.read_text().strip() != _sha256(config):
+            return False
+        text = config.read_text()
+    except OSError:
+        return False
+    # a storage the configuration names elsewhere (Postgres) has no files here to look for
+    return bool(_CUSTOM_STORAGE.search(text)) or all(
+        (home / name).is_file() for name in SQLITE_STORAGE_FILES
+    )
+
+
+def ensure_instance_storage(home: Path | None = None) -> Path:
+    """Create the storage of the Dagster instance at ``home`` (default ``$DAGSTER_HOME``) if
+    it does not exist yet, one process at a time; ``home``.
+
+    Dagster creates its SQLite databases the first time an instance is opened, and two
+    processes doing that at once (the launch and its run worker, the webserver and the daemon
+    of ``dagster dev``, two launches) can leave a database with two Alembic heads, which no
+    later process can open ("Version table 'alembic_version' has more than one head
+    present"), or fail outright ("table ... already exists"). Every dm_assets process opens
+    its instance after this: the first creates the storage under an exclusive lock
+    (``$DAGSTER_HOME/.dm_storage.lock``) and marks it ready; the rest wait for the lock, or
+    see the mark and do not import Dagster here at all."""
+    home = Path(home if home is not None else os.environ["DAGSTER_HOME"]).resolve()
+    if _storage_ready(home):
+        return home
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / STORAGE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _storage_ready(home):
+            return home
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(home)):
+            pass  # opening it creates and migrates every storage it has
+        tmp = home / f".{STORAGE_READY_MARKER}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(_sha256(home / "dagster.yaml") + "\n")
+        os.replace(tmp, home / STORAGE_READY_MARKER)
+    return home
+
+
+def open_instance() -> Any:
+    """The Dagster instance at ``$DAGSTER_HOME``, its storage created first if need be
+    (:func:`ensure_instance_storage`): what every dm_assets process opens instead of
+    ``DagsterInstance.get()``."""
+    from dagster import DagsterInstance
+
+    ensure_instance_storage()
+    return DagsterInstance.get()
+
+
 UI_INSTANCE_FOLDER = "ui"
 
 
@@ -107,6 +177,8 @@ def prepare_ui_dagster_home(environ: dict[str, str] | None = None) -> Path:
     import yaml
 
     base = prepare_dagster_home(environ)
+    # the webserver and the daemon open the storage at once: create it before either starts
+    ensure_instance_storage(base)
     env = os.environ if environ is None else environ
     config = yaml.safe_load((base / "dagster.yaml").read_text()) or {}
     if not isinstance(config, dict):
@@ -431,10 +503,10 @@ def follow_run(
     when it ends before the run does (killed, out of memory) the run is marked failed. Ctrl-C
     terminates the run unless ``terminate_on_interrupt`` is false (the caller does it);
     ``warn`` receives what terminating does."""
-    from dagster import DagsterInstance, DagsterRunStatus
+    from dagster import DagsterRunStatus
 
     terminal = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    instance = instance if instance is not None else DagsterInstance.get()
+    instance = instance if instance is not None else open_instance()
     cursor = None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

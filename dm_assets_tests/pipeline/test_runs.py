@@ -8,6 +8,7 @@ the run its worker executes."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -213,3 +214,85 @@ def test_terminate_run_marks_it_canceling_and_interrupts_its_worker(
     instance.report_run_failed(instance.get_run_by_id(run_id))  # type: ignore[arg-type]
     runs.terminate_run(instance, run_id, process=worker, warn=said.append)
     assert len(said) == 1
+
+
+RACER = """
+import sys, time
+import dagster  # noqa: F401  (imported before the start line, so the openings coincide)
+from dm_assets.pipeline.runs import open_instance
+start = float(sys.argv[1])
+while time.time() < start:
+    pass
+with open_instance() as instance:
+    print(instance.get_runs_count())
+"""
+
+
+def alembic_heads(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as connection:
+        return int(connection.execute("select count(*) from alembic_version").fetchone()[0])
+
+
+def test_processes_opening_a_new_instance_at_once_create_its_storage_once(
+    tmp_path: Path,
+) -> None:
+    # Dagster's own first opening is not safe against another: two processes opening a new
+    # SQLite instance at the same moment left two Alembic heads in a database (no process
+    # could open the instance again) or failed with "table ... already exists", 2 of 10 tries
+    # with two processes here before open_instance
+    homes = [tmp_path / f"home{i}" for i in range(2)]
+    procs = []
+    start = time.time() + 12.0  # every racer has imported Dagster by then, even on 2 busy cores
+    for home in homes:
+        runs.prepare_dagster_home({"DAGSTER_HOME": str(home)})
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
+        for _ in range(3):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", RACER, str(start)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), outputs
+    assert all(out.strip().splitlines()[-1] == "0" for out in outputs), outputs
+    for home in homes:
+        for name in runs.SQLITE_STORAGE_FILES:
+            assert alembic_heads(home / name) == 1, (home, name)
+        assert (home / runs.STORAGE_READY_MARKER).read_text().strip() == hashlib.sha256(
+            (home / "dagster.yaml").read_bytes()
+        ).hexdigest()
+
+
+def test_a_ready_instance_is_not_created_again_and_an_edited_config_is(tmp_path: Path) -> None:
+    home = runs.prepare_dagster_home({"DAGSTER_HOME": str(tmp_path / "home")})
+    runs.ensure_instance_storage(home)
+    assert runs._storage_ready(home)
+    # ready: nothing imports Dagster or takes the lock (checked in a process without Dagster)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from dm_assets.pipeline.runs import ensure_instance_storage; "
+            f"ensure_instance_storage({str(home)!r}); print('dagster' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert check.stdout.strip() == "False"
+    # an edited configuration, or storage files removed, is checked (and created) again
+    with open(home / "dagster.yaml", "a") as config:
+        config.write("\n# edited\n")
+    assert not runs._storage_ready(home)
+    runs.ensure_instance_storage(home)
+    assert runs._storage_ready(home)
+    (home / "schedules" / "schedules.db").unlink()
+    assert not runs._storage_ready(home)
+    runs.ensure_instance_storage(home)
+    assert alembic_heads(home / "schedules" / "schedules.db") == 1
