@@ -199,46 +199,83 @@ def sparse_quadratic_forms(m: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _admit(
+def _dot(x: np.ndarray, y: np.ndarray, n: int) -> float:
+    """``x[:n] . y[:n]`` in float64 (``x`` float32 or float64) with four partial sums, so the
+    loop pipelines without reassociating one running sum."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    n4 = n - n % 4
+    for e in range(0, n4, 4):
+        s0 += np.float64(x[e]) * y[e]
+        s1 += np.float64(x[e + 1]) * y[e + 1]
+        s2 += np.float64(x[e + 2]) * y[e + 2]
+        s3 += np.float64(x[e + 3]) * y[e + 3]
+    for e in range(n4, n):
+        s0 += np.float64(x[e]) * y[e]
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_block(src: np.ndarray, dst: np.ndarray, ws: np.ndarray, size: int, m: int) -> None:
+    """``dst[W, W] = src[W, W]`` for the working set ``ws[:size + m]`` whose first ``size``
+    rows and columns are already there: the ``m`` new rows gathered from ``src``'s rows (each
+    row of ``src`` read once, in order), then the new columns of the old rows copied from
+    them (``src`` is symmetric) in tiles of rows that stay in cache. Writing the new columns
+    straight from ``src`` instead costs a cache miss per entry, and was most of the path's
+    time."""
+    total = size + m
+    for b in range(size, total):
+        srow = src[ws[b]]
+        drow = dst[b]
+        for e in range(total):
+            drow[e] = srow[ws[e]]
+    tile = 32
+    for b0 in range(0, size, tile):
+        b1 = min(b0 + tile, size)
+        for e in range(size, total):
+            erow = dst[e]
+            for b in range(b0, b1):
+                dst[b, e] = erow[b]
+
+
+@numba.njit(cache=True, nogil=True)
+def _admit_many(
     g: np.ndarray,
     vg: np.ndarray,
-    j: int,
+    new: np.ndarray,
+    m: int,
     ws: np.ndarray,
     size: int,
     ws_g: np.ndarray,
     ws_vg: np.ndarray,
     in_ws: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Append feature ``j`` to the working set ``ws[:size]``: its row and column of
-    ``G[W, W]`` (and of the validation matrix ``vg[W, W]`` when ``vg`` has rows), growing the
-    compact matrices when full. Returns them and the new size."""
-    cap = ws_g.shape[0]
+    """Append the features ``new[:m]`` to the working set ``ws[:size]`` at once: their rows
+    and columns of ``G[W, W]`` (and of the validation matrix ``vg[W, W]`` when ``vg`` has
+    rows), the compact matrices grown (at least doubled) when full. Returns them and the new
+    size."""
+    if m == 0:
+        return ws_g, ws_vg, size
     with_val = vg.shape[0] > 0
-    if size == cap:
-        new_cap = min(max(2 * cap, 16), g.shape[0])
-        grown = np.empty((new_cap, new_cap))
+    total = size + m
+    if total > ws_g.shape[0]:
+        new_cap = min(max(2 * ws_g.shape[0], total, 16), g.shape[0])
+        grown = np.empty((new_cap, new_cap), dtype=ws_g.dtype)
         grown[:size, :size] = ws_g[:size, :size]
         ws_g = grown
         if with_val:
-            grown_v = np.empty((new_cap, new_cap))
+            grown_v = np.empty((new_cap, new_cap), dtype=ws_vg.dtype)
             grown_v[:size, :size] = ws_vg[:size, :size]
             ws_vg = grown_v
-    ws[size] = j
-    in_ws[j] = True
-    row = g[j]
-    for b in range(size):
-        v = row[ws[b]]
-        ws_g[size, b] = v
-        ws_g[b, size] = v
-    ws_g[size, size] = row[j]
+    for x in range(m):
+        ws[size + x] = new[x]
+        in_ws[new[x]] = True
+    _fill_block(g, ws_g, ws, size, m)
     if with_val:
-        vrow = vg[j]
-        for b in range(size):
-            v = vrow[ws[b]]
-            ws_vg[size, b] = v
-            ws_vg[b, size] = v
-        ws_vg[size, size] = vrow[j]
-    return ws_g, ws_vg, size + 1
+        _fill_block(vg, ws_vg, ws, size, m)
+    return ws_g, ws_vg, total
 
 
 @numba.njit(cache=True, nogil=True)
@@ -262,6 +299,36 @@ def _ws_gap(
 
 
 @numba.njit(cache=True, nogil=True)
+def _enter(
+    g: np.ndarray,
+    vg: np.ndarray,
+    c: np.ndarray,
+    r: np.ndarray,
+    new: np.ndarray,
+    m: int,
+    ws: np.ndarray,
+    size: int,
+    ws_g: np.ndarray,
+    ws_vg: np.ndarray,
+    in_ws: np.ndarray,
+    w_ws: np.ndarray,
+    w_synced: np.ndarray,
+    r_ws: np.ndarray,
+    c_ws: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`_admit_many` of ``new[:m]`` at weight 0, their ``r`` and ``c`` copied into the
+    working set's."""
+    old = size
+    ws_g, ws_vg, size = _admit_many(g, vg, new, m, ws, size, ws_g, ws_vg, in_ws)
+    for b in range(old, size):
+        w_ws[b] = 0.0
+        w_synced[b] = 0.0
+        r_ws[b] = r[ws[b]]
+        c_ws[b] = c[ws[b]]
+    return ws_g, ws_vg, size
+
+
+@numba.njit(cache=True, nogil=True)
 def _solve_working_set(
     g: np.ndarray,
     vg: np.ndarray,
@@ -279,23 +346,28 @@ def _solve_working_set(
     r_ws: np.ndarray,
     c_ws: np.ndarray,
     w_synced: np.ndarray,
+    pending: np.ndarray,
     tol: float,
     max_sweeps: int,
 ) -> tuple[np.ndarray, np.ndarray, int, bool, int]:
     """One target at one ``lam``, from the state left by the previous one (comment above).
 
     ``r`` ``(p,)`` is ``c - G w`` for the weights ``w_synced``; ``w_ws``, ``r_ws``, ``c_ws``
-    are the working set's weights, residual gradient and ``c``. Features with
-    ``|r_j| >= strong`` are admitted first. Returns the compact matrices, the working set's
-    size, whether the gap reached ``tol * yy``, and the sweeps over the working set.
+    are the working set's weights, residual gradient and ``c``; ``pending`` ``(p,)`` is
+    scratch. Features with ``|r_j| >= strong`` are admitted first. Returns the compact
+    matrices, the working set's size, whether the gap reached ``tol * yy``, and the sweeps over
+    the working set.
     """
     p = g.shape[0]
     target = tol * max(yy, 1e-30)
+    m = 0
     for j in range(p):
         if not in_ws[j] and abs(r[j]) >= strong:
-            ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
-            w_ws[size - 1], w_synced[size - 1] = 0.0, 0.0
-            r_ws[size - 1], c_ws[size - 1] = r[j], c[j]
+            pending[m] = j
+            m += 1
+    ws_g, ws_vg, size = _enter(
+        g, vg, c, r, pending, m, ws, size, ws_g, ws_vg, in_ws, w_ws, w_synced, r_ws, c_ws
+    )
     sweeps = 0
     converged = False
     while True:
@@ -316,17 +388,19 @@ def _solve_working_set(
         for a in range(size):
             r_ws[a] = r[ws[a]]
         # KKT: a feature outside the working set must have |r_j| <= lam
-        violated = False
+        m = 0
         outside_max = 0.0
         for j in range(p):
             if not in_ws[j]:
                 if abs(r[j]) > lam:
-                    ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
-                    w_ws[size - 1], w_synced[size - 1] = 0.0, 0.0
-                    r_ws[size - 1], c_ws[size - 1] = r[j], c[j]
-                    violated = True
+                    pending[m] = j
+                    m += 1
                 elif abs(r[j]) > outside_max:
                     outside_max = abs(r[j])
+        violated = m > 0
+        ws_g, ws_vg, size = _enter(
+            g, vg, c, r, pending, m, ws, size, ws_g, ws_vg, in_ws, w_ws, w_synced, r_ws, c_ws
+        )
         if not violated and _ws_gap(w_ws, r_ws, c_ws, size, yy, lam, outside_max) <= target:
             converged = True
             break
@@ -344,18 +418,18 @@ def _start_state(
     p = g.shape[0]
     ws = np.empty(p, dtype=np.int64)
     in_ws = np.zeros(p, dtype=np.bool_)
-    ws_g = np.empty((min(p, 64), min(p, 64)))
-    ws_vg = np.empty((min(p, 64), min(p, 64)) if vg.shape[0] > 0 else (0, 0))
+    ws_g = np.empty((min(p, 64), min(p, 64)), dtype=g.dtype)
+    ws_vg = np.empty((min(p, 64), min(p, 64)) if vg.shape[0] > 0 else (0, 0), dtype=vg.dtype)
     r = c.copy()
     w_ws = np.zeros(p)
-    size = 0
-    for j in range(p):
-        if w0[j] != 0.0:
-            ws_g, ws_vg, size = _admit(g, vg, j, ws, size, ws_g, ws_vg, in_ws)
-            w_ws[size - 1] = w0[j]
-            row = g[j]
-            for i in range(p):
-                r[i] -= w0[j] * row[i]
+    nonzero = np.nonzero(w0)[0]
+    ws_g, ws_vg, size = _admit_many(g, vg, nonzero, nonzero.shape[0], ws, 0, ws_g, ws_vg, in_ws)
+    for b in range(size):
+        j = ws[b]
+        w_ws[b] = w0[j]
+        row = g[j]
+        for i in range(p):
+            r[i] -= w0[j] * row[i]
     return ws, ws_g, ws_vg, size, in_ws, r, w_ws
 
 
@@ -389,7 +463,7 @@ def solve_columns_screened(
             c_ws[b] = ck[ws[b]]
         ws_g, ws_vg, size, ok, n = _solve_working_set(
             g, no_val, ck, yy[k], lam[k], np.inf, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
-            r_ws, c_ws, w_synced, tol, max_sweeps,
+            r_ws, c_ws, w_synced, np.empty(p, dtype=np.int64), tol, max_sweeps,
         )  # fmt: skip
         w[k, :] = 0.0
         total = yy[k]
@@ -402,7 +476,6 @@ def solve_columns_screened(
     return converged, sweeps, mse
 
 
-@numba.njit(parallel=True, cache=True)
 def solve_paths(
     g: np.ndarray,
     c: np.ndarray,
@@ -433,12 +506,16 @@ def solve_paths(
     ``(sum_y2 - 2 u.xty - 2 o sum_y + u^T X^T X u + 2 o sum_x.u + n o^2) / n``. A target stops
     when its validation MSE has not improved for ``patience`` lambdas once ``min_lambdas``
     are done (the rule of :class:`~dm_assets.regression.path.PathTracker`), or at the end.
-    Targets run in parallel threads.
+    Targets run in parallel threads, each thread taking every ``n``-th target with one set of
+    buffers.
 
     Parameters
     ----------
-    g : float64 array, shape (p, p)
-        ``X_std^T X_std / n`` centered on the training rows, C-ordered.
+    g : float32 or float64 array, shape (p, p)
+        ``X_std^T X_std / n`` centered on the training rows, C-ordered. Its working-set
+        copies have its dtype; the weights, gradients and sums are float64 whatever it is
+        (``fit_gram`` passes float32: half the memory traffic, rounding ``G`` by at most
+        ``2^-24`` relatively).
     c : float64 array, shape (a, p)
         ``X_std^T (y - y_bar) / n`` per target, one a row.
     yy : float64 array, shape (a,)
@@ -448,8 +525,9 @@ def solve_paths(
     intercept_x, intercept_y : float64 arrays, shapes (p,) and (a,)
         The intercept's ``x_bar_std`` and ``y_bar`` (zeros without an intercept).
     val_xtx, val_xty, val_sum_x, val_sum_y, val_sum_y2, val_n
-        The validation rows' raw sums: ``X^T X`` ``(p, p)``, ``X^T y`` ``(a, p)`` (one target
-        a row), ``X^T 1`` ``(p,)``, ``y^T 1`` and ``y^T y`` ``(a,)``, and their number.
+        The validation rows' raw sums: ``X^T X`` ``(p, p)`` (float32 or float64: mask counts
+        below ``2^24`` are exact in float32), ``X^T y`` ``(a, p)`` (one target a row),
+        ``X^T 1`` ``(p,)``, ``y^T 1`` and ``y^T y`` ``(a,)``, and their number.
     mean, inv_std : float64 arrays, shape (p,)
         The standardization: ``x_std = (x - mean) * inv_std``.
     min_lambdas, patience : int
@@ -468,6 +546,54 @@ def solve_paths(
     converged : bool array, shape (a, k)
         Per step (True after the target stopped).
     """
+    workers = max(1, min(numba.get_num_threads(), c.shape[0]))
+    return _solve_paths(
+        g,
+        c,
+        yy,
+        lambdas,
+        intercept_x,
+        intercept_y,
+        val_xtx,
+        val_xty,
+        val_sum_x,
+        val_sum_y,
+        val_sum_y2,
+        val_n,
+        mean,
+        inv_std,
+        min_lambdas,
+        patience,
+        tol,
+        max_sweeps,
+        workers,
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def _solve_paths(
+    g: np.ndarray,
+    c: np.ndarray,
+    yy: np.ndarray,
+    lambdas: np.ndarray,
+    intercept_x: np.ndarray,
+    intercept_y: np.ndarray,
+    val_xtx: np.ndarray,
+    val_xty: np.ndarray,
+    val_sum_x: np.ndarray,
+    val_sum_y: np.ndarray,
+    val_sum_y2: np.ndarray,
+    val_n: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    min_lambdas: int,
+    patience: int,
+    tol: float,
+    max_sweeps: int,
+    n_workers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`solve_paths` on ``n_workers`` threads (a parameter: a function that asks numba
+    for its thread count cannot be cached on disk)."""
     a, p = c.shape
     k = lambdas.shape[1]
     best = np.zeros((a, p))
@@ -476,71 +602,81 @@ def solve_paths(
     nonzeros = np.full((a, k), -1, dtype=np.int64)
     sweeps = np.zeros((a, k), dtype=np.int64)
     converged = np.ones((a, k), dtype=np.bool_)
-    for t in numba.prange(a):
-        ct = c[t]
-        ws, ws_g, ws_vg, size, in_ws, r, w_ws = _start_state(g, val_xtx, ct, np.zeros(p))
+    for worker in numba.prange(n_workers):
+        # one set of buffers per worker, reused from target to target: the compact matrices
+        # grow to the largest working set once instead of being allocated, and their fresh
+        # pages faulted in, for every target (page faults were a third of the path's time)
+        cap = min(p, 64)
+        ws_g = np.empty((cap, cap), dtype=g.dtype)
+        ws_vg = np.empty((cap, cap) if val_xtx.shape[0] > 0 else (0, 0), dtype=val_xtx.dtype)
+        ws = np.empty(p, dtype=np.int64)
+        in_ws = np.zeros(p, dtype=np.bool_)
+        pending = np.empty(p, dtype=np.int64)
+        r = np.empty(p)
+        w_ws = np.zeros(p)
         w_synced = np.zeros(p)
         r_ws = np.empty(p)
         c_ws = np.empty(p)
         u = np.empty(p)
-        best_val = np.inf
-        since_best = 0
-        for s in range(k):
-            lam = lambdas[t, s]
-            strong = 2.0 * lam - lambdas[t, s - 1] if s > 0 else lam
-            ws_g, ws_vg, size, ok, n = _solve_working_set(
-                g, val_xtx, ct, yy[t], lam, strong, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
-                r_ws, c_ws, w_synced, tol, max_sweeps,
-            )  # fmt: skip
-            converged[t, s] = ok
-            sweeps[t, s] = n
-            # training MSE, intercept, and the validation MSE from the sums
-            fit = yy[t]
-            bias = intercept_y[t]
-            offset = 0.0
-            uxty = 0.0
-            usum = 0.0
-            nnz = 0
-            for b in range(size):
-                j = ws[b]
-                wb = w_ws[b]
-                fit -= wb * (c_ws[b] + r_ws[b])
-                bias -= intercept_x[j] * wb
-                u[b] = wb * inv_std[j]
-                offset -= mean[j] * u[b]
-                uxty += u[b] * val_xty[t, j]
-                usum += u[b] * val_sum_x[j]
-                if wb != 0.0:
-                    nnz += 1
-            offset += bias
-            quad = 0.0
-            for b in range(size):
-                if u[b] != 0.0:
-                    row = ws_vg[b]
-                    inner = 0.0
-                    for e in range(size):
-                        inner += row[e] * u[e]
-                    quad += u[b] * inner
-            total = (
-                val_sum_y2[t]
-                - 2.0 * uxty
-                - 2.0 * offset * val_sum_y[t]
-                + quad
-                + 2.0 * offset * usum
-                + val_n * offset * offset
-            )
-            vm = max(total / val_n, 0.0)
-            train_mse[t, s] = max(fit, 0.0)
-            val_mse[t, s] = vm
-            nonzeros[t, s] = nnz
-            if vm < best_val:
-                best_val = vm
-                since_best = 0
-                best[t, :] = 0.0
+        for t in range(worker, a, n_workers):
+            ct = c[t]
+            size = 0
+            in_ws[:] = False
+            r[:] = ct
+            best_val = np.inf
+            since_best = 0
+            for s in range(k):
+                lam = lambdas[t, s]
+                strong = 2.0 * lam - lambdas[t, s - 1] if s > 0 else lam
+                ws_g, ws_vg, size, ok, n = _solve_working_set(
+                    g, val_xtx, ct, yy[t], lam, strong, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
+                    r_ws, c_ws, w_synced, pending, tol, max_sweeps,
+                )  # fmt: skip
+                converged[t, s] = ok
+                sweeps[t, s] = n
+                # training MSE, intercept, and the validation MSE from the sums
+                fit = yy[t]
+                bias = intercept_y[t]
+                offset = 0.0
+                uxty = 0.0
+                usum = 0.0
+                nnz = 0
                 for b in range(size):
-                    best[t, ws[b]] = w_ws[b]
-            else:
-                since_best += 1
-            if since_best >= patience and s + 1 >= min_lambdas:
-                break
+                    j = ws[b]
+                    wb = w_ws[b]
+                    fit -= wb * (c_ws[b] + r_ws[b])
+                    bias -= intercept_x[j] * wb
+                    u[b] = wb * inv_std[j]
+                    offset -= mean[j] * u[b]
+                    uxty += u[b] * val_xty[t, j]
+                    usum += u[b] * val_sum_x[j]
+                    if wb != 0.0:
+                        nnz += 1
+                offset += bias
+                quad = 0.0
+                for b in range(size):
+                    if u[b] != 0.0:
+                        quad += u[b] * _dot(ws_vg[b], u, size)
+                total = (
+                    val_sum_y2[t]
+                    - 2.0 * uxty
+                    - 2.0 * offset * val_sum_y[t]
+                    + quad
+                    + 2.0 * offset * usum
+                    + val_n * offset * offset
+                )
+                vm = max(total / val_n, 0.0)
+                train_mse[t, s] = max(fit, 0.0)
+                val_mse[t, s] = vm
+                nonzeros[t, s] = nnz
+                if vm < best_val:
+                    best_val = vm
+                    since_best = 0
+                    best[t, :] = 0.0
+                    for b in range(size):
+                        best[t, ws[b]] = w_ws[b]
+                else:
+                    since_best += 1
+                if since_best >= patience and s + 1 >= min_lambdas:
+                    break
     return best, train_mse, val_mse, nonzeros, sweeps, converged

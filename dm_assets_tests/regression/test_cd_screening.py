@@ -172,3 +172,103 @@ def test_cd_nonconvergence_warns() -> None:
                  max_iter=1, tol=1e-14)  # fmt: skip
     messages = [str(w.message) for w in caught if issubclass(w.category, GramConvergenceWarning)]
     assert any("(target, lambda) solves stopped at max_iter=1" in m for m in messages)
+
+
+def path_arguments(prob: Problem, k: int = 25, eps: float = 1e-3) -> list:  # type: ignore[type-arg]
+    """``solve_paths``' arguments for ``prob`` (float64, the whole path: min_lambdas = k)."""
+    problem, train, val = centered(prob)
+    std = train.standardization()
+
+    def f64(x: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.numpy(), dtype=np.float64)
+
+    lambdas = lambda_grid(problem.lambda_max(), k, eps).numpy()
+    return [
+        f64(problem.gram),  # type: ignore[arg-type]
+        f64(problem.c.T),
+        f64(problem.yy),
+        np.ascontiguousarray(lambdas),
+        f64(problem.x_bar_std),
+        f64(problem.y_bar),
+        f64(val.xtx),  # type: ignore[arg-type]
+        f64(val.xty.T),
+        f64(val.sum_x),
+        f64(val.sum_y),
+        f64(val.sum_y2),
+        val.n,
+        f64(std.mean),
+        f64(1.0 / std.std),
+        k,
+        3,
+        1e-10,
+        100_000,
+    ]
+
+
+def test_path_on_a_float32_gram_matrix_matches_float64() -> None:
+    # what fit_gram passes: G rounded to float32 (the weights move by ~1e-8) and the
+    # validation counts in float32 (exact: integers below 2^24)
+    prob = planted_problem(n=3000, p=80, t=5, noise=1.0, seed=21)
+    args = path_arguments(prob)
+    ref = solve_paths(*args)
+    assert np.array_equal(args[6].astype(np.float32), args[6])  # counts: exact in float32
+    args32 = list(args)
+    args32[0] = args[0].astype(np.float32)
+    args32[6] = args[6].astype(np.float32)
+    out = solve_paths(*args32)
+    best, train_mse, val_mse, nonzeros, _, converged = out
+    assert converged.all()
+    np.testing.assert_allclose(best, ref[0], atol=1e-6)
+    np.testing.assert_allclose(train_mse, ref[1], rtol=1e-6)
+    np.testing.assert_allclose(val_mse, ref[2], rtol=1e-6)
+    assert np.abs(nonzeros - ref[3]).max() <= 1  # a weight at the threshold may flip
+    np.testing.assert_array_equal(np.nanargmin(val_mse, 1), np.nanargmin(ref[2], 1))
+
+
+def test_path_results_do_not_depend_on_threads_or_target_order() -> None:
+    # the threads reuse their buffers (working sets, compact matrices) from target to target:
+    # nothing of one target may leak into the next, whichever thread runs it and after what
+    import numba
+
+    prob = correlated_problem(seed=5)
+    prob = Problem(prob.x, np.concatenate([prob.y, prob.y[:, ::-1] * 0.5], 1), prob.w,
+                   prob.train, prob.val, prob.test)  # fmt: skip
+    args = path_arguments(prob, k=20, eps=1e-2)
+    ref = solve_paths(*args)
+    order = np.random.default_rng(0).permutation(args[1].shape[0])
+    shuffled = list(args)
+    for i in (1, 2, 3, 5, 7, 9, 10):  # the per-target arguments
+        shuffled[i] = np.ascontiguousarray(args[i][order])
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            out = solve_paths(*shuffled)
+            for got, want in zip(out, ref, strict=True):
+                np.testing.assert_array_equal(got, want[order])
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_batched_admission_copies_the_working_set_block() -> None:
+    from dm_assets.regression.cd_kernel import _admit_many
+
+    rng = np.random.default_rng(3)
+    p = 300
+    a = rng.normal(size=(p, p))
+    g = np.ascontiguousarray((a + a.T).astype(np.float32))
+    vg = np.ascontiguousarray(a @ a.T)
+    ws = np.empty(p, dtype=np.int64)
+    in_ws = np.zeros(p, dtype=np.bool_)
+    ws_g = np.empty((16, 16), dtype=np.float32)
+    ws_vg = np.empty((16, 16))
+    size = 0
+    order = rng.permutation(p)
+    for m in (1, 5, 0, 40, 3, 120, 60):  # growth past the capacity, empty batches
+        new = np.ascontiguousarray(order[size : size + m])
+        ws_g, ws_vg, size = _admit_many(g, vg, new, m, ws, size, ws_g, ws_vg, in_ws)
+        chosen = ws[:size]
+        np.testing.assert_array_equal(chosen, order[:size])
+        np.testing.assert_array_equal(ws_g[:size, :size], g[np.ix_(chosen, chosen)])
+        np.testing.assert_array_equal(ws_vg[:size, :size], vg[np.ix_(chosen, chosen)])
+        assert in_ws.sum() == size and in_ws[chosen].all()
