@@ -217,20 +217,40 @@ def _dot(x: np.ndarray, y: np.ndarray, n: int) -> float:
     return (s0 + s1) + (s2 + s3)
 
 
+# elements added to each row of a compact matrix: rows whose length is a power of two map to
+# the same cache sets, and the tiled copy in _fill_block then misses on every write
+ROW_PAD = 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(cap: int, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+    """An uninitialized ``cap x cap`` compact matrix (rows padded by :data:`ROW_PAD`;
+    ``(0, 0)`` for ``cap`` 0)."""
+    if cap == 0:
+        return np.empty((0, 0), dtype=dtype)
+    return np.empty((cap, cap + ROW_PAD), dtype=dtype)
+
+
 @numba.njit(cache=True, nogil=True)
 def _fill_block(src: np.ndarray, dst: np.ndarray, ws: np.ndarray, size: int, m: int) -> None:
     """``dst[W, W] = src[W, W]`` for the working set ``ws[:size + m]`` whose first ``size``
     rows and columns are already there: the ``m`` new rows gathered from ``src``'s rows (each
     row of ``src`` read once, in order), then the new columns of the old rows copied from
-    them (``src`` is symmetric) in tiles of rows that stay in cache. Writing the new columns
-    straight from ``src`` instead costs a cache miss per entry, and was most of the path's
-    time."""
+    them (``src`` is symmetric) in tiles of rows that stay in cache (rows padded by
+    :data:`ROW_PAD`, so a tile's rows do not compete for the same cache sets). Writing the
+    new columns straight from ``src`` instead costs a cache miss per entry, and was most of
+    the path's time."""
     total = size + m
+    buf = np.empty(src.shape[1], dtype=src.dtype)
     for b in range(size, total):
+        # the row copied in order first (the hardware prefetches it), then gathered from
+        # cache: gathering straight from memory in working-set order took twice as long
         srow = src[ws[b]]
+        for e in range(srow.shape[0]):
+            buf[e] = srow[e]
         drow = dst[b]
         for e in range(total):
-            drow[e] = srow[ws[e]]
+            drow[e] = buf[ws[e]]
     tile = 32
     for b0 in range(0, size, tile):
         b1 = min(b0 + tile, size)
@@ -262,11 +282,11 @@ def _admit_many(
     total = size + m
     if total > ws_g.shape[0]:
         new_cap = min(max(2 * ws_g.shape[0], total, 16), g.shape[0])
-        grown = np.empty((new_cap, new_cap), dtype=ws_g.dtype)
+        grown = _compact(new_cap, ws_g.dtype)
         grown[:size, :size] = ws_g[:size, :size]
         ws_g = grown
         if with_val:
-            grown_v = np.empty((new_cap, new_cap), dtype=ws_vg.dtype)
+            grown_v = _compact(new_cap, ws_vg.dtype)
             grown_v[:size, :size] = ws_vg[:size, :size]
             ws_vg = grown_v
     for x in range(m):
@@ -418,8 +438,8 @@ def _start_state(
     p = g.shape[0]
     ws = np.empty(p, dtype=np.int64)
     in_ws = np.zeros(p, dtype=np.bool_)
-    ws_g = np.empty((min(p, 64), min(p, 64)), dtype=g.dtype)
-    ws_vg = np.empty((min(p, 64), min(p, 64)) if vg.shape[0] > 0 else (0, 0), dtype=vg.dtype)
+    ws_g = _compact(min(p, 64), g.dtype)
+    ws_vg = _compact(min(p, 64) if vg.shape[0] > 0 else 0, vg.dtype)
     r = c.copy()
     w_ws = np.zeros(p)
     nonzero = np.nonzero(w0)[0]
@@ -607,8 +627,8 @@ def _solve_paths(
         # grow to the largest working set once instead of being allocated, and their fresh
         # pages faulted in, for every target (page faults were a third of the path's time)
         cap = min(p, 64)
-        ws_g = np.empty((cap, cap), dtype=g.dtype)
-        ws_vg = np.empty((cap, cap) if val_xtx.shape[0] > 0 else (0, 0), dtype=val_xtx.dtype)
+        ws_g = _compact(cap, g.dtype)
+        ws_vg = _compact(cap if val_xtx.shape[0] > 0 else 0, val_xtx.dtype)
         ws = np.empty(p, dtype=np.int64)
         in_ws = np.zeros(p, dtype=np.bool_)
         pending = np.empty(p, dtype=np.int64)
