@@ -223,7 +223,7 @@ ROW_PAD = 16
 
 
 @numba.njit(cache=True, nogil=True)
-def _compact(cap: int, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+def _compact(cap: int, dtype: np.dtype) -> np.ndarray:
     """An uninitialized ``cap x cap`` compact matrix (rows padded by :data:`ROW_PAD`;
     ``(0, 0)`` for ``cap`` 0)."""
     if cap == 0:
