@@ -496,6 +496,7 @@ def solve_columns_screened(
     return converged, sweeps, mse
 
 
+@numba.njit(parallel=True, cache=True)
 def solve_paths(
     g: np.ndarray,
     c: np.ndarray,
@@ -515,6 +516,7 @@ def solve_paths(
     patience: int,
     tol: float,
     max_sweeps: int,
+    n_workers: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every target's whole lambda path with working sets, scored on validation sums.
 
@@ -554,6 +556,10 @@ def solve_paths(
         The early-stopping rule.
     tol, max_sweeps : float, int
         Convergence per lambda: gap at most ``tol * yy``, at most ``max_sweeps`` sweeps.
+    n_workers : int
+        Threads to run (at most one per target; ``numba.get_num_threads()`` for all). A
+        parameter because a compiled function that asks numba for its thread count cannot
+        be cached on disk.
 
     Returns
     -------
@@ -566,54 +572,7 @@ def solve_paths(
     converged : bool array, shape (a, k)
         Per step (True after the target stopped).
     """
-    workers = max(1, min(numba.get_num_threads(), c.shape[0]))
-    return _solve_paths(
-        g,
-        c,
-        yy,
-        lambdas,
-        intercept_x,
-        intercept_y,
-        val_xtx,
-        val_xty,
-        val_sum_x,
-        val_sum_y,
-        val_sum_y2,
-        val_n,
-        mean,
-        inv_std,
-        min_lambdas,
-        patience,
-        tol,
-        max_sweeps,
-        workers,
-    )
-
-
-@numba.njit(parallel=True, cache=True)
-def _solve_paths(
-    g: np.ndarray,
-    c: np.ndarray,
-    yy: np.ndarray,
-    lambdas: np.ndarray,
-    intercept_x: np.ndarray,
-    intercept_y: np.ndarray,
-    val_xtx: np.ndarray,
-    val_xty: np.ndarray,
-    val_sum_x: np.ndarray,
-    val_sum_y: np.ndarray,
-    val_sum_y2: np.ndarray,
-    val_n: int,
-    mean: np.ndarray,
-    inv_std: np.ndarray,
-    min_lambdas: int,
-    patience: int,
-    tol: float,
-    max_sweeps: int,
-    n_workers: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`solve_paths` on ``n_workers`` threads (a parameter: a function that asks numba
-    for its thread count cannot be cached on disk)."""
+    n_workers = max(1, min(n_workers, c.shape[0]))
     a, p = c.shape
     k = lambdas.shape[1]
     best = np.zeros((a, p))

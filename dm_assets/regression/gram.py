@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 import torch
 
@@ -543,6 +544,7 @@ def _solve_path_cd(
         tracker.patience,
         tol,
         max_sweeps,
+        numba.get_num_threads(),
     )
     for step in range(tracker.k):
         ids = torch.nonzero(tracker.active)[:, 0]

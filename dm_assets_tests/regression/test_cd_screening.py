@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -100,8 +101,7 @@ def reference_path(
 @pytest.mark.parametrize("seed", [2, 3])
 def test_screened_path_equals_full_sweep_path(make, seed: int) -> None:  # type: ignore[no-untyped-def]
     prob = make(seed=seed)
-    problem, train, val = centered(prob)
-    std = train.standardization()
+    problem, _, _ = centered(prob)
     k = 30
     lambdas = lambda_grid(problem.lambda_max(), k, 1e-3).numpy()
     xs, _, _ = standardize(prob.x, prob.train)
@@ -109,28 +109,8 @@ def test_screened_path_equals_full_sweep_path(make, seed: int) -> None:  # type:
         problem, xs[prob.val], prob.y[prob.val].astype(np.float64), lambdas
     )
 
-    def f64(x: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(x.numpy(), dtype=np.float64)
-
     best, train_mse, val_mse, nonzeros, _, converged = solve_paths(
-        f64(problem.gram),  # type: ignore[arg-type]
-        f64(problem.c.T),
-        f64(problem.yy),
-        lambdas,
-        f64(problem.x_bar_std),
-        f64(problem.y_bar),
-        f64(val.xtx),  # type: ignore[arg-type]
-        f64(val.xty.T),
-        f64(val.sum_x),
-        f64(val.sum_y),
-        f64(val.sum_y2),
-        val.n,
-        f64(std.mean),
-        f64(1.0 / std.std),
-        k,  # min_lambdas = k: the whole path
-        3,
-        TOL,
-        100_000,
+        *path_arguments(prob, k=k, eps=1e-3, tol=TOL)
     )
     assert converged.all()
     np.testing.assert_allclose(train_mse, train_ref, rtol=1e-7)
@@ -174,8 +154,11 @@ def test_cd_nonconvergence_warns() -> None:
     assert any("(target, lambda) solves stopped at max_iter=1" in m for m in messages)
 
 
-def path_arguments(prob: Problem, k: int = 25, eps: float = 1e-3) -> list:  # type: ignore[type-arg]
-    """``solve_paths``' arguments for ``prob`` (float64, the whole path: min_lambdas = k)."""
+def path_arguments(  # type: ignore[type-arg]
+    prob: Problem, k: int = 25, eps: float = 1e-3, tol: float = 1e-10
+) -> list:
+    """``solve_paths``' arguments for ``prob`` (float64, the whole path: min_lambdas = k,
+    patience 3; every thread numba has)."""
     problem, train, val = centered(prob)
     std = train.standardization()
 
@@ -200,8 +183,9 @@ def path_arguments(prob: Problem, k: int = 25, eps: float = 1e-3) -> list:  # ty
         f64(1.0 / std.std),
         k,
         3,
-        1e-10,
+        tol,
         100_000,
+        numba.get_num_threads(),
     ]
 
 
@@ -228,8 +212,6 @@ def test_path_on_a_float32_gram_matrix_matches_float64() -> None:
 def test_path_results_do_not_depend_on_threads_or_target_order() -> None:
     # the threads reuse their buffers (working sets, compact matrices) from target to target:
     # nothing of one target may leak into the next, whichever thread runs it and after what
-    import numba
-
     prob = correlated_problem(seed=5)
     prob = Problem(prob.x, np.concatenate([prob.y, prob.y[:, ::-1] * 0.5], 1), prob.w,
                    prob.train, prob.val, prob.test)  # fmt: skip
@@ -243,6 +225,7 @@ def test_path_results_do_not_depend_on_threads_or_target_order() -> None:
     try:
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
+            shuffled[-1] = threads
             out = solve_paths(*shuffled)
             for got, want in zip(out, ref, strict=True):
                 np.testing.assert_array_equal(got, want[order])
