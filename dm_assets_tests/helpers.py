@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,3 +163,11 @@ def wait_dead(pid: int, timeout: float = 10.0) -> None:
     while not dead(pid):
         assert time.monotonic() < deadline, f"process {pid} still alive"
         time.sleep(0.02)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: the signal's default
+    disposition back, so Python installs its KeyboardInterrupt handler in the child even when
+    the tests run with SIGINT ignored (started as a background job: ``cmd &`` in a
+    non-interactive shell ignores SIGINT, and the children inherit it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,7 +22,7 @@ from dagster._core.events import EngineEventData
 
 from dm_assets.pipeline.runs import partition_tags, reap_dead_runs
 from dm_assets.store.store import Store
-from dm_assets_tests.helpers import REPO_ROOT, cli_env
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, sigint_default
 
 SLEEPY = """
 name: sleepy
@@ -172,6 +172,7 @@ def test_interrupting_launch_terminates_the_run_and_its_workers(tmp_path: Path) 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_default,
     )
     store_dir = tmp_path / "home" / "sleepy" / "store"
     deadline = time.monotonic() + 120

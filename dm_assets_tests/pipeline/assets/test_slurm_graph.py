@@ -20,7 +20,7 @@ from dm_assets.pipeline.assets import experiment_assets
 from dm_assets.pipeline.experiment import ExperimentPaths, load_experiment
 from dm_assets.pipeline.resources.trainers import SlurmTrainer, Trainer
 from dm_assets.store.store import Store
-from dm_assets_tests.helpers import REPO_ROOT, cli_env, metadata, resources
+from dm_assets_tests.helpers import REPO_ROOT, cli_env, metadata, resources, sigint_default
 from dm_assets_tests.scripts import launcher_cases
 from dm_assets_tests.slurm_cluster import SlurmCluster
 
@@ -99,6 +99,7 @@ def test_terminated_run_cancels_its_slurm_jobs(tmp_path: Path, slurm_cluster: Sl
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_default,
     )
     deadline = time.monotonic() + 120
     while not slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip():
