@@ -108,11 +108,12 @@ def _storage_ready(home: Path) -> bool:
     config = home / "dagster.yaml"
     marker = home / STORAGE_READY_MARKER
     try:
-        if marker.read_text().strip() != _sha256(config):
+        data = config.read_bytes()
+        if marker.read_text().strip() != hashlib.sha256(data).hexdigest():
             return False
-        text = config.read_text()
     except OSError:
         return False
+    text = data.decode(errors="replace")
     # a storage the configuration names elsewhere (Postgres) has no files here to look for
     return bool(_CUSTOM_STORAGE.search(text)) or all(
         (home / name).is_file() for name in SQLITE_STORAGE_FILES

@@ -515,31 +515,32 @@ def _solve_path_cd(
     if problem.gram is None or val.xtx is None:
         raise ValueError("the gram solver needs X^T X (accumulate_stats(gram=True))")
 
-    def f64(x: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+    def host(x: torch.Tensor, dtype: type = np.float64) -> np.ndarray:
+        """``x`` as a C-contiguous host array, float64 unless told."""
+        return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
 
     # G in float32: the working-set sweeps and gradient updates read half the bytes; the
     # rounding (at most 2^-24 relative) moves the weights by ~1e-8 (test_cd_screening). The
     # validation counts are exact in float32 when they are integers below 2^24 (0/1 masks).
-    gram32 = np.ascontiguousarray(problem.gram.detach().cpu().numpy(), dtype=np.float32)
-    val_xtx = f64(val.xtx)
+    gram32 = host(problem.gram, np.float32)
+    val_xtx = host(val.xtx)
     val_xtx32 = val_xtx.astype(np.float32)
     exact = bool(np.array_equal(val_xtx32, val_xtx))
     best, train_mse, val_mse, nonzeros, sweeps, converged = solve_paths(
         gram32,
-        f64(problem.c.T),
-        f64(problem.yy),
-        f64(tracker.lambdas),
-        f64(problem.x_bar_std),
-        f64(problem.y_bar),
+        host(problem.c.T),
+        host(problem.yy),
+        host(tracker.lambdas),
+        host(problem.x_bar_std),
+        host(problem.y_bar),
         val_xtx32 if exact else val_xtx,
-        f64(val.xty.T),
-        f64(val.sum_x),
-        f64(val.sum_y),
-        f64(val.sum_y2),
+        host(val.xty.T),
+        host(val.sum_x),
+        host(val.sum_y),
+        host(val.sum_y2),
         val.n,
-        f64(standardization.mean),
-        f64(1.0 / standardization.std),
+        host(standardization.mean),
+        host(1.0 / standardization.std),
         tracker.min_lambdas,
         tracker.patience,
         tol,
