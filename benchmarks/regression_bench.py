@@ -36,11 +36,13 @@ held out. Every target's path has ``k`` lambdas from its own ``lambda_max`` down
   step size, epochs, checks, the gap estimate's ratio, seconds per phase) is recorded too: the
   numbers its constants were tuned on (``benchmarks/README.md``).
 
-``--patience 1,2`` also times ``gram`` with a shorter early-stopping patience (the product's
-default is 3): most of the path's work is in the steps after each target's best lambda, which
-the rule computes only to confirm the best; the held-out MSE ratio says what a shorter
-patience costs in quality on this problem (not in general: a noisier validation curve can
-stop early at a worse lambda).
+Our solvers stop each target's path early by the product's default rule, the reference
+``fast_l1``'s (at the first lambda whose validation MSE does not improve, once 10 are done:
+``min_lambdas`` 10, ``patience`` 1); scikit-learn computes the whole grid, from which the best
+lambda is chosen, so the held-out MSE ratio also checks that the rule chose as well.
+``--rules 5:3`` also times ``gram`` with other rules (``min_lambdas:patience``; 5:3 was the
+default until issue 12): most of the path's work is in the steps after each target's best
+lambda, which a rule computes only to confirm the best.
 
 ``info`` splits our time: ``stats_seconds`` (the statistics passes: ``X^T X`` of the masks
 counted from bit-packed columns), ``path_seconds`` (every target's path with its validation
@@ -69,6 +71,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import lasso_path
 
+from dm_assets.regression.config import MIN_LAMBDAS, PATIENCE
 from dm_assets.regression.data import ArraySource
 from dm_assets.regression.gram import fit_gram
 from dm_assets.regression.saga import fit_saga
@@ -162,6 +165,15 @@ def ours(
     }
 
 
+def _rules(text: str) -> list[tuple[int, int]]:
+    """``"5:3,10:2"`` -> ``[(5, 3), (10, 2)]`` (``min_lambdas:patience`` pairs)."""
+    rules = []
+    for rule in filter(None, text.split(",")):
+        min_lambdas, patience = rule.split(":")
+        rules.append((int(min_lambdas), int(patience)))
+    return rules
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/regression.json")
@@ -179,10 +191,11 @@ def main() -> None:
         help="targets on which scikit-learn's settings are timed side by side (0: skip)",
     )
     parser.add_argument(
-        "--patience",
-        type=lambda text: [int(v) for v in text.split(",") if v],
+        "--rules",
+        type=_rules,
         default=[],
-        help="also time `gram` with these early-stopping patiences, e.g. 1,2 (default: none)",
+        help="also time `gram` with these early-stopping rules, min_lambdas:patience, "
+        "e.g. 5:3,10:2 (default: none)",
     )
     args = parser.parse_args()
     n, p, t = (4000, 400, 20) if args.quick else (20_000, 2000, 100)
@@ -222,13 +235,12 @@ def main() -> None:
     if "gram" in solvers:
         configs["gram"] = (fit_gram, {**common, "refit": False})
         configs["gram_refit"] = (fit_gram, {**common, "refit": True})
-    for patience in args.patience:
-        # the early-stopping rule's patience (default 3): the steps after a target's best
-        # lambda cost most of the path, so a shorter patience is faster; its held-out MSE
-        # ratio says what it costs in quality on this problem
-        configs[f"gram_patience{patience}"] = (
+    for min_lambdas, patience in args.rules:
+        # another early-stopping rule: the steps after a target's best lambda cost most of
+        # the path; its held-out MSE ratio says what the rule costs in quality on this problem
+        configs[f"gram_rule{min_lambdas}:{patience}"] = (
             fit_gram,
-            {**common, "refit": False, "patience": patience},
+            {**common, "refit": False, "min_lambdas": min_lambdas, "patience": patience},
         )
     if "saga" in solvers:
         configs["saga"] = (fit_saga, {**common, "refit": False, "batch_size": 512})
@@ -277,6 +289,7 @@ def main() -> None:
             "k": k,
             "eps": eps,
             "density": 0.05,
+            "early_stopping": {"min_lambdas": MIN_LAMBDAS, "patience": PATIENCE},
         },
         "numba_compile_seconds": compile_seconds,
         "sklearn_settings": settings,

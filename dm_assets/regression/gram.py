@@ -33,6 +33,7 @@ from dm_assets.regression.cd_kernel import (
     solve_paths,
     sparse_quadratic_forms,
 )
+from dm_assets.regression.config import MIN_LAMBDAS, PATIENCE
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.path import LassoPathResult, PathTracker, Standardization, lambda_grid
 from dm_assets.regression.stats import CenteredProblem, SufficientStats, accumulate_stats
@@ -286,8 +287,8 @@ def fit_gram(
     dtype: torch.dtype = torch.float64,
     tol: float = 1e-6,
     max_iter: int = 5000,
-    min_lambdas: int = 5,
-    patience: int = 3,
+    min_lambdas: int = MIN_LAMBDAS,
+    patience: int = PATIENCE,
     refit: bool = True,
 ) -> LassoPathResult:
     """Fit every target's LASSO path from sufficient statistics; choose lambda on validation.
@@ -318,7 +319,8 @@ def fit_gram(
         Each lambda is solved until the duality gap is ``<= tol * var(y)``, at most
         ``max_iter`` iterations or sweeps (then :class:`GramConvergenceWarning`).
     min_lambdas, patience : int
-        Early stopping along the path (see :class:`~dm_assets.regression.path.PathTracker`).
+        Early stopping along the path (see :class:`~dm_assets.regression.path.PathTracker`;
+        default 10, 1: the reference's rule).
     refit : bool
         Refit each target at its chosen lambda on train + validation rows (default True).
 

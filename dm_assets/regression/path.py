@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dm_assets.regression.config import MIN_LAMBDAS, PATIENCE
+
 
 def lambda_grid(lam_max: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     """Each target's ``k`` lambdas, geometric from ``lam_max`` down to ``eps * lam_max``.
@@ -70,11 +72,14 @@ class PathTracker:
     ``patience`` consecutive lambdas, once at least ``min_lambdas`` are done, or at the grid's
     end. The chosen lambda is the one with the lowest validation MSE. Tables are ``(t, k)``
     float64 on the CPU, NaN (``nonzeros``: -1) at steps a target never reached.
+
+    The defaults (:data:`MIN_LAMBDAS`, :data:`PATIENCE`) are the reference's rule: ``fast_l1``
+    stops a target at the first lambda whose validation MSE is worse, once 10 are done.
     """
 
     lambdas: torch.Tensor
-    min_lambdas: int = 5
-    patience: int = 3
+    min_lambdas: int = MIN_LAMBDAS
+    patience: int = PATIENCE
     train_mse: torch.Tensor = field(init=False)
     val_mse: torch.Tensor = field(init=False)
     nonzeros: torch.Tensor = field(init=False)

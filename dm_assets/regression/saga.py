@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dm_assets.regression.config import MIN_LAMBDAS, PATIENCE
 from dm_assets.regression.data import RowSource
 from dm_assets.regression.path import LassoPathResult, Standardization
 from dm_assets.regression.saga_driver import SagaSettings, solve_fixed, warn_capped
@@ -181,8 +182,8 @@ def fit_saga(
     tol: float = 1e-4,
     check_every: int = 1,
     max_epochs: int = 200,
-    min_lambdas: int = 5,
-    patience: int = 3,
+    min_lambdas: int = MIN_LAMBDAS,
+    patience: int = PATIENCE,
     refit: bool = True,
     seed: int = 0,
     table_on_host: bool | None = None,
@@ -247,7 +248,7 @@ def fit_saga(
         Epochs per (target, lambda) before giving up on that lambda with a
         :class:`~dm_assets.regression.saga_driver.SagaConvergenceWarning` (default 200).
     min_lambdas, patience : int
-        The early-stopping rule (default 5, 3).
+        The early-stopping rule (default 10, 1: the reference's rule).
     refit : bool
         Refit at the chosen lambda on train + validation rows (default True).
     seed : int

@@ -152,8 +152,8 @@ def test_options_come_from_the_config() -> None:
         "max_iter": 5000,
         "device": CPU,
         "seed": 9,
-        "min_lambdas": 5,
-        "patience": 3,
+        "min_lambdas": 10,  # the reference's early-stopping rule
+        "patience": 1,
     }
 
 
