@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dm_assets.regression.config import MIN_LAMBDAS
 from dm_assets.regression.data import ArraySource
 from dm_assets.regression.gram import (
     GramConvergenceWarning,
@@ -181,7 +182,7 @@ def cross_validated_lasso(
     dtype: torch.dtype = torch.float64,
     tol: float = 1e-6,
     max_iter: int = 5000,
-    min_lambdas: int = 5,
+    min_lambdas: int = MIN_LAMBDAS,
     patience: int | None = None,
 ) -> CrossValidatedLasso:
     """Choose each target's lambda by K-fold cross-validation and refit on all rows.
