@@ -92,6 +92,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 from scipy.special import ndtri
 
@@ -290,11 +291,8 @@ class _SortedUnits:
         self.c, self.u = c, u
         order = np.argsort(values, axis=1, kind="stable")
         ordered = np.take_along_axis(values, order, axis=1)
-        self.group_sorted = unit_group[order]
-        self.size_sorted = None if (unit_size == 1).all() else unit_size[order]
-        position = np.empty_like(order)
-        np.put_along_axis(position, order, np.arange(u)[None, :], axis=1)
-        self.unsort = position + (np.arange(c) * u)[:, None]
+        self.group_sorted = np.ascontiguousarray(unit_group[order], dtype=np.int64)
+        self.sizes = np.ascontiguousarray(unit_size[order], dtype=np.int64)
         starts = np.ones((c, u), dtype=bool)
         starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
         ends = np.ones((c, u), dtype=bool)
@@ -303,10 +301,10 @@ class _SortedUnits:
         # each sorted position's tie block: its first position, and one past its last
         first = np.maximum.accumulate(np.where(starts, spot, 0), axis=1)
         past = np.minimum.accumulate(np.where(ends, spot + 1, u)[:, ::-1], axis=1)[:, ::-1]
-        row, col = np.nonzero((first != spot) | (past != spot + 1))
-        self.tied_flat = row * u + col
-        self.first_flat = row * (u + 1) + first[row, col]
-        self.past_flat = row * (u + 1) + past[row, col]
+        row, _ = np.nonzero((first != spot) | (past != spot + 1))
+        self.order = np.ascontiguousarray(order, dtype=np.int64)
+        self.first = np.ascontiguousarray(first, dtype=np.int64)
+        self.past = np.ascontiguousarray(past, dtype=np.int64)
         self.tied_columns = np.zeros(c, dtype=bool)
         self.tied_columns[row] = True
 
@@ -315,21 +313,48 @@ class _SortedUnits:
         int64 ``(B, G)``: with ``cum`` the cumulative multiplicity in sorted order (0 first),
         ``2 r - 1 = 2 W_< + W_= = cum[first] + cum[past]`` over the unit's tie block (for an
         untied unit ``cum[s] + cum[s + 1]``). Units drawn 0 times get a finite rank (weighted
-        by 0 wherever used)."""
-        b = draws.shape[0]
-        weights = np.take(draws, self.group_sorted, axis=1)
-        if self.size_sorted is not None:
-            weights *= self.size_sorted
-        cum = np.empty((b, self.c, self.u + 1), dtype=np.int64)
-        cum[:, :, 0] = 0
-        np.cumsum(weights, axis=2, out=cum[:, :, 1:])
-        doubled = cum[:, :, :-1] + cum[:, :, 1:]
-        if self.tied_flat.size:
-            flat_cum = cum.reshape(b, -1)
-            doubled.reshape(b, -1)[:, self.tied_flat] = (
-                flat_cum[:, self.first_flat] + flat_cum[:, self.past_flat]
-            )
-        return np.take(doubled.reshape(b, -1), self.unsort, axis=1)
+        by 0 wherever used). Exact integers (:func:`_doubled_ranks`)."""
+        out = np.empty((draws.shape[0], self.c, self.u), dtype=np.int64)
+        _doubled_ranks(
+            np.ascontiguousarray(draws, dtype=np.int64),
+            self.group_sorted,
+            self.sizes,
+            self.order,
+            self.first,
+            self.past,
+            out,
+        )
+        return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _doubled_ranks(
+    draws: np.ndarray,
+    group_sorted: np.ndarray,
+    sizes: np.ndarray,
+    order: np.ndarray,
+    first: np.ndarray,
+    past: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:meth:`_SortedUnits.doubled_ranks` into ``out`` int64 ``(B, c, U)``: per resample ``b``
+    and column ``j``, ``cum`` the cumulative multiplicity ``draws[b, group] * size`` in sorted
+    order, then ``out[b, j, order[j, s]] = cum[first[j, s]] + cum[past[j, s]]``. One pass per
+    (resample, column) in compiled code: the same integers as the array expression it replaced
+    (a gather, a cumulative sum, a scatter, each a pass over ``B c U`` values), several times
+    faster."""
+    b, c, u = out.shape
+    for x in numba.prange(b * c):
+        r = x // c
+        j = x - r * c
+        cum = np.empty(u + 1, dtype=np.int64)
+        cum[0] = 0
+        row = draws[r]
+        for s in range(u):
+            cum[s + 1] = cum[s] + row[group_sorted[j, s]] * sizes[j, s]
+        dst = out[r, j]
+        for s in range(u):
+            dst[order[j, s]] = cum[first[j, s]] + cum[past[j, s]]
 
 
 class _Masks:

@@ -18,6 +18,7 @@ from dm_assets.evaluation.uncertainty import (
     _bootstrap,
     _harmonic_mean,
     _prepare,
+    _SortedUnits,
     basic_interval,
     bootstrap_lds,
     resample_masks,
@@ -352,3 +353,24 @@ def test_basic_interval_reflects_the_resampled_quantiles_about_the_estimate() ->
     assert basic_interval(0.6, draws, level=0.9, bounds=(-1.0, 1.0)) == pytest.approx((0.25, 1.0))
     assert basic_interval(0.6, np.full(3, np.nan)) is None
     assert basic_interval(float("nan"), draws) is None
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_doubled_ranks_of_a_resample_are_brute_force_ranks(sized: bool) -> None:
+    # 2 r - 1 of unit i in a resample = 2 (weight of units below it) + (weight of its tie
+    # block), each unit weighing (draws of its mask) x (models it stands for); ties included
+    rng = np.random.default_rng(4)
+    c, u, groups, resamples = 7, 23, 9, 11
+    values = rng.integers(0, 6, size=(c, u)).astype(np.float64)  # many ties
+    values[0] = rng.normal(size=u)  # and a column without any
+    unit_group = rng.integers(0, groups, size=u)
+    unit_size = rng.integers(1, 4, size=u) if sized else np.ones(u, dtype=np.int64)
+    draws = rng.integers(0, 3, size=(resamples, groups))
+    got = _SortedUnits(values, unit_group, unit_size).doubled_ranks(draws)
+    weight = draws[:, unit_group] * unit_size  # (resamples, u)
+    want = np.empty_like(got)
+    for j in range(c):
+        below = values[j][None, :] < values[j][:, None]  # [i, k]: unit k below unit i
+        tied = values[j][None, :] == values[j][:, None]
+        want[:, j] = 2 * weight @ below.T + weight @ tied.T
+    np.testing.assert_array_equal(got, want)
