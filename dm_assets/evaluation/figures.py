@@ -27,25 +27,35 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dm_assets.evaluation.analysis import embeddings, top_examples
-from dm_assets.evaluation.curve import LdsCurve
-from dm_assets.evaluation.metrics import evaluate
 from dm_assets.regression.path_metrics import PATH_COLUMNS, check_path_table, step_metrics
+
+if TYPE_CHECKING:
+    from dm_assets.evaluation.curve import LdsCurve
+
+# The figures' inputs' modules (the curve, the metrics, the analyses) are imported where they are
+# used: they pull in scipy.stats and numba, a second and more of every fit's step for a module
+# that draws its path figure.
 
 MAX_TARGETS_DRAWN = 50
 """At most this many per-target curves in :func:`path_figure` (evenly spaced over the
 targets)."""
 
 
-def _new_figure(**kwargs: object) -> Figure:
-    fig = Figure(layout="constrained", **kwargs)  # type: ignore[arg-type]
+def _new_figure(margins: dict[str, float] | None = None, **kwargs: object) -> Figure:
+    """A figure with matplotlib's constrained layout, or with fixed ``margins``
+    (``subplots_adjust``'s fractions) where a figure's layout is known: the constrained layout
+    measures every text's extent at each draw (half of the regularization-path figure's 1.1 s,
+    drawn after every fit)."""
+    fig = Figure(layout=None if margins else "constrained", **kwargs)  # type: ignore[arg-type]
+    if margins:
+        fig.subplots_adjust(**margins)
     FigureCanvasAgg(fig)
     return fig
 
@@ -67,6 +77,8 @@ def _budget_curve_values(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str]:
     """``(n, lds, ci, stops_paying_at, x_label)`` of a curve or its ``to_dict()``: ``n``,
     ``lds`` float ``(m,)``, ``ci`` float ``(2, m)`` (NaN where a point has no interval)."""
+    from dm_assets.evaluation.curve import LdsCurve
+
     values = curve.to_dict() if isinstance(curve, LdsCurve) else curve
     points = list(values.get("points", []))
     n = np.array([float(p["n_models"]) for p in points], dtype=np.float64)
@@ -215,6 +227,8 @@ def predicted_vs_actual_figure(
     """
     if max_panels < 1:
         raise ValueError(f"max_panels={max_panels} must be at least 1")
+    from dm_assets.evaluation.metrics import evaluate
+
     result = evaluate(predicted, actual)
     pred, act = np.asarray(predicted), np.asarray(actual)
     t = result.n_targets
@@ -290,7 +304,9 @@ def path_figure(table: pd.DataFrame, *, title: str = "") -> Figure:
     else:
         drawn = targets
 
-    fig = _new_figure(figsize=(12.0, 4.8))
+    # fixed margins: room for the y labels on both sides of the right panel and the title
+    margins = {"left": 0.06, "right": 0.93, "bottom": 0.1, "top": 0.86 if title else 0.92}
+    fig = _new_figure(margins={**margins, "wspace": 0.3}, figsize=(12.0, 4.8))
     left, right = fig.subplots(1, 2)
 
     shown = table[table["target"].isin(drawn)].sort_values(["target", "step"])
@@ -365,6 +381,8 @@ def top_examples_figure(
     target_images)``, each ``(n, H, W)`` or ``(n, H, W, C)``, or None for bars of those weights
     instead.
     """
+    from dm_assets.evaluation.analysis import top_examples
+
     if images is None:
         fig = _new_figure(figsize=(8, 2.4 * len(targets)))
         for row, t in enumerate(targets):
@@ -411,6 +429,8 @@ def embeddings_figure(
     """Targets placed by the first two principal components of their datamodel weights
     (:func:`~dm_assets.evaluation.analysis.embeddings` of ``raw`` float ``(p, t)``), coloured by
     class when ``labels`` ``(t,)`` are given."""
+    from dm_assets.evaluation.analysis import embeddings
+
     points, explained = embeddings(raw, n_components)
     fig = _new_figure(figsize=(5, 4.5))
     ax = fig.add_subplot()

@@ -20,7 +20,7 @@ from dm_assets.errors import DmError
 # first lambda whose validation MSE got worse, after min_lams_to_try=10). Measured against the
 # whole path (benchmarks/README.md, "Early stopping"): the same lambdas on all 797 targets of
 # digits_mlp (500 validation models) and on the regression benchmark, held-out MSE within 0.1%
-# of patience 3 with 60 or 120 validation models; the steps it saves are the path's costliest.
+# of the whole path's with 60 or 120 validation models; the steps it saves are the costliest.
 MIN_LAMBDAS = 10
 PATIENCE = 1
 

@@ -4,6 +4,8 @@ embeddings; no pyplot state is left behind."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,22 @@ def test_path_plot_writes_a_png(tmp_path: Path, n_targets: int) -> None:
     data = png.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     assert plt.get_fignums() == figures_before  # no pyplot figure left open
+
+
+def test_the_path_figure_draws_without_the_evaluation_imports(tmp_path: Path) -> None:
+    # every fit draws it (and logs it to MLflow): scipy.stats and numba, which the held-out
+    # evaluation needs, cost a second or more of each fit's step if the figures module pulls
+    # them in
+    table = write_small_fit(tmp_path / "fit", n_targets=3) / "regularization_path.csv"
+    code = (
+        "import sys, pandas as pd\n"
+        "from dm_assets.evaluation.figures import plot_path\n"
+        f"plot_path(pd.read_csv({str(table)!r}), {str(tmp_path / 'p.png')!r})\n"
+        "print(sorted(m for m in ('scipy.stats', 'numba') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_top_examples_and_embeddings(tmp_path: Path) -> None:
