@@ -8,9 +8,9 @@
 # last 500 are 125 held-out masks trained 4 times each (the noise ceiling). The store, every
 # training partition, the FFCV dataset, the datamodels and their held-out evaluation (LDS with
 # 95% intervals, noise ceiling, LDS curve) and the baseline attributions, launched with
-# `dagster job launch` and followed until the run ends. Training measured 0.12 s per model on one
-# thread of a 2-core machine: about 3.5 minutes in 2 workers (the fit, evaluation and
-# attributions about 2 more); the held-out LDS was 0.735 against a noise ceiling of 0.823.
+# `dagster job launch` and followed until the run ends. Training measured 0.10-0.14 s per model on
+# one thread of a 2-core machine: about 3-4 minutes in 2 workers (the fit, evaluation and
+# attributions about 4 more); the held-out LDS was 0.735 against a noise ceiling of 0.823.
 # Ends by printing where the results are, the LDS, and how to open the UIs.
 # Rerunning trains nothing already trained and makes a new fit.
 # EXPERIMENT=digits runs the fast deterministic one instead (5,000 logistic regressions, shared
