@@ -76,10 +76,16 @@ class SufficientStats:
         c = (c + a[:, None] * b[None, :]) * inv_std[:, None]
         gram = None
         if self.xtx is not None:
-            gram = self.xtx / n - x_bar[:, None] * a[None, :] - a[:, None] * x_bar[None, :]
-            gram += a[:, None] * a[None, :]
-            gram *= inv_std[:, None]
-            gram *= inv_std[None, :]
+            # xtx / n - x_bar a^T - a x_bar^T + a a^T, scaled by inv_std on both sides: with
+            # rank-one updates in place (three passes over p x p when centering, where
+            # a = x_bar and the terms reduce to one update; was seven with temporaries)
+            if fit_intercept:
+                gram = torch.addr(self.xtx, x_bar, x_bar, beta=1.0 / n, alpha=-1.0)
+            else:
+                gram = torch.addr(self.xtx, x_bar, a, beta=1.0 / n, alpha=-1.0)
+                gram.addr_(a, x_bar, alpha=-1.0)
+                gram.addr_(a, a)
+            gram.mul_(torch.outer(inv_std, inv_std))
         yy = (self.sum_y2 / n - 2 * y_bar * b + b * b).clamp_min(0)
         return CenteredProblem(
             n=n,
@@ -156,7 +162,9 @@ def accumulate_stats(
 
     sum_x, sum_x2, sum_y, sum_y2 = zeros(p), zeros(p), zeros(t), zeros(t)
     xty = zeros(p, t)
-    xtx = zeros(p, p) if gram else None
+    # X^T X of the batches summed as floats, allocated at the first one (None while every
+    # batch is counted from bits: the counts become the float64 sums once, at the end)
+    xtx: torch.Tensor | None = None
     # 0/1 masks on the CPU: counted from bit-packed columns until a batch is not 0/1
     # (the packing buffer: at most 64 MiB, 64 * chunk_words rows per count)
     chunk_words = max(16, min(512, (1 << 23) // max(p, 1)))
@@ -173,20 +181,27 @@ def accumulate_stats(
         sum_y2 += y64.square().sum(0)
         # float32 products within a batch, float64 across batches
         xty += (x.T @ y).to(torch.float64)
-        if xtx is None:
+        if not gram:
             continue
         if packed is not None and binary:
             packed.add(x.numpy())
             continue
         if packed is not None:  # the first batch that is not 0/1: the counts so far, then floats
-            xtx += torch.from_numpy(packed.result()).to(torch.float64)
+            xtx = _counts_to_float64(packed.result())
             packed = None
+        if xtx is None:
+            xtx = zeros(p, p)
         if binary and device.type == "cuda":  # int8 tensor cores, exact int32 sums
             xtx += int8_gram(x).to(torch.float64)
         else:
             xtx += (x.T @ x).to(torch.float64)
     if n == 0:
         raise ValueError("no rows to accumulate statistics over")
-    if packed is not None and xtx is not None:
-        xtx += torch.from_numpy(packed.result()).to(torch.float64)
+    if packed is not None:  # every batch was 0/1: the counts are the sums
+        xtx = _counts_to_float64(packed.result())
     return SufficientStats(n, sum_x, sum_x2, sum_y, sum_y2, xty, xtx)
+
+
+def _counts_to_float64(counts: np.ndarray) -> torch.Tensor:
+    """The int64 counts of :class:`PackedGram` as a float64 tensor (exact below 2^53)."""
+    return torch.from_numpy(counts.astype(np.float64))
