@@ -182,20 +182,23 @@ def sparse_quadratic_forms(m: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-# --- working sets: coordinate descent on a compact Gram matrix, with strong rules and KKT checks
+# --- working sets: coordinate descent on a compact Gram matrix, with KKT checks
 #
 # Per target the solver keeps a working set ``W`` of features (every nonzero weight, every
-# feature a strong rule or a KKT check admitted) and a compact copy ``G[W, W]`` of the Gram
+# feature a KKT check admitted) and a compact copy ``G[W, W]`` of the Gram
 # matrix, so a coordinate update costs ``|W|`` instead of ``p`` and touches a matrix that
 # stays in cache. The full residual gradient ``r = c - G w`` is brought up to date only at a
 # KKT check: ``O(p)`` per weight that changed since the last one. A feature outside ``W``
 # whose ``|r_j|`` exceeds ``lam`` violates the optimality conditions and is admitted; the
 # solve ends when none does and the duality gap (the same one as the full solver's, with
-# ``max |r|`` over all ``p``) is at most ``tol * yy``. The strong rule (Tibshirani et al.,
-# 2012) admits, when lambda moves from ``lam_prev`` to ``lam``, the features with
-# ``|r_j| >= 2 lam - lam_prev``: most of those that will enter, so few KKT rounds are needed.
-# The working set only grows along a path (its compact matrix is reused from one lambda to
-# the next) and starts from the warm start's nonzeros.
+# ``max |r|`` over all ``p``) is at most ``tol * yy``. Along a path, each new lambda starts by
+# admitting the features that violate its KKT conditions at the previous lambda's solution
+# (``|r_j| > lam``). The sequential strong rule (Tibshirani et al., 2012), which also admits
+# ``|r_j| >= 2 lam - lam_prev``, saves KKT rounds but admits features that stay at zero: late
+# on the benchmark's paths the working sets were 40-80% larger than the nonzeros, and the
+# paths took 12% longer (4% on digits) than with KKT admission alone. ``strong`` keeps the
+# threshold a parameter. The working set only grows along a path (its compact matrix is
+# reused from one lambda to the next) and starts from the warm start's nonzeros.
 
 
 @numba.njit(cache=True, nogil=True)
@@ -522,7 +525,7 @@ def solve_paths(
 
     Per target and lambda ``lam_s`` of its row of ``lambdas``, the weights ``w`` minimize
     ``(1/2) w^T G w - c^T w + lam_s ||w||_1`` (duality gap at most ``tol * yy``), warm-started
-    from the previous lambda, with the strong rule from it. The intercept is
+    from the previous lambda, its KKT violators admitted first. The intercept is
     ``b = intercept_y - intercept_x . w``, and the validation MSE of ``u = w * inv_std`` (the
     weights on raw masks) and ``o = b - mean . u`` is, from the raw validation sums,
     ``(sum_y2 - 2 u.xty - 2 o sum_y + u^T X^T X u + 2 o sum_x.u + n o^2) / n``. A target stops
@@ -601,7 +604,7 @@ def solve_paths(
             since_best = 0
             for s in range(k):
                 lam = lambdas[t, s]
-                strong = 2.0 * lam - lambdas[t, s - 1] if s > 0 else lam
+                strong = lam  # KKT admission only (comment above)
                 ws_g, ws_vg, size, ok, n = _solve_working_set(
                     g, val_xtx, ct, yy[t], lam, strong, ws, size, ws_g, ws_vg, in_ws, r, w_ws,
                     r_ws, c_ws, w_synced, pending, tol, max_sweeps,

@@ -509,7 +509,7 @@ def _solve_path_cd(
 ) -> tuple[torch.Tensor, int]:
     """:func:`_solve_path` for the ``cd`` engine: every target's whole path in one compiled
     call (:func:`~dm_assets.regression.cd_kernel.solve_paths`: working sets kept from one
-    lambda to the next, strong rules, KKT checks, validation MSE from ``val``'s sums and the
+    lambda to the next, admission by KKT checks, validation MSE from ``val``'s sums and the
     tracker's early-stopping rule), then the path tables recorded into ``tracker`` step by
     step. Returns the float64 ``(p, t)`` weights at each target's best step, on the CPU, and
     the sweeps of the slowest target summed over the steps; warns like :func:`_solve_path`.

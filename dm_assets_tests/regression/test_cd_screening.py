@@ -1,4 +1,4 @@
-"""Working-set coordinate descent (strong rules, KKT checks) against the full-sweep solver.
+"""Working-set coordinate descent (KKT admission and checks) against the full-sweep solver.
 
 Screening only decides which coordinates are visited; the stopping test is the same duality
 gap, so at a tight ``tol`` (1e-13 of ``var(y)``) the screened and unscreened solutions agree
@@ -28,8 +28,8 @@ TOL = 1e-13
 
 
 def correlated_problem(seed: int) -> Problem:
-    """Planted masks where every column has two near-copies (5% of bits flipped): strong
-    rules then miss features that KKT checks must admit."""
+    """Planted masks where every column has two near-copies (5% of bits flipped): features
+    enter in several KKT rounds per lambda, and a screening rule would miss some of them."""
     prob = planted_problem(n=1500, p=40, t=3, seed=seed)
     rng = np.random.default_rng(seed)
     copies = [prob.x ^ (rng.random(prob.x.shape) < 0.05) for _ in range(2)]
