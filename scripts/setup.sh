@@ -53,4 +53,21 @@ if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -
 fi
 "$VENV/bin/python" -c "import dm_assets, numpy, torch, ffcv, dagster, mlflow" \
   || { echo "setup: the environment in $VENV is broken; remove it and rerun" >&2; exit 1; }
+
+# numba compiles the solver's and the bootstrap's kernels on first use (about 85 s on 2 cores)
+# and caches them beside their source: compile them here, not inside the first fit; again
+# whenever a kernel's source changed (dm_assets/precompile.py)
+kernels=(dm_assets/regression/cd_kernel.py dm_assets/regression/bit_stats.py
+         dm_assets/evaluation/uncertainty.py)
+kernel_stamp="$VENV/.dm_assets-kernels"
+stale=0
+if [ ! -f "$kernel_stamp" ] || [ "$stamp" -nt "$kernel_stamp" ]; then stale=1; fi
+for source in "${kernels[@]}"; do
+  if [ "$source" -nt "$kernel_stamp" ]; then stale=1; fi
+done
+if [ "$stale" -eq 1 ]; then
+  echo "setup: compiling the numba kernels (once per change of their source: about a minute)"
+  "$VENV/bin/python" -m dm_assets.precompile
+  touch "$kernel_stamp"
+fi
 echo "setup: ready ($VENV)"

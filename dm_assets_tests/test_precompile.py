@@ -1,0 +1,74 @@
+"""``python -m dm_assets.precompile``, which set-up runs so that the first fit of a fresh
+checkout does not compile the numba kernels inside its stages: in a fresh interpreter it
+compiles (or loads from the cache) every kernel the stages call from Python, and set-up
+runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from dm_assets_tests.helpers import REPO_ROOT
+
+# The kernels the stages call from Python (the others are compiled into their callers, or are
+# the tests' reference solver): the statistics' packing, 0/1 check and popcounts, the path,
+# the fixed-lambda solves of the refit and of cross-validation with their validation scores,
+# the bootstrap's ranks.
+CALLED_FROM_PYTHON = {
+    "dm_assets.regression.bit_stats.pack_rows",
+    "dm_assets.regression.bit_stats._all_binary",
+    "dm_assets.regression.bit_stats.popcount_gram",
+    "dm_assets.regression.cd_kernel.solve_paths",
+    "dm_assets.regression.cd_kernel.solve_columns_screened",
+    "dm_assets.regression.cd_kernel.sparse_quadratic_forms",
+    "dm_assets.evaluation.uncertainty._doubled_ranks",
+}
+
+PROBE = """
+import importlib, json
+from numba.core.registry import CPUDispatcher
+from dm_assets.precompile import KERNEL_MODULES, main
+
+def compiled():
+    out = {}
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if isinstance(obj, CPUDispatcher) and obj.__module__ == name:
+                out[f"{name}.{attr}"] = len(obj.signatures)
+    return out
+
+before = compiled()
+code = main([])
+print(json.dumps({"before": before, "after": compiled(), "code": code}))
+"""
+
+
+def test_precompile_compiles_every_kernel_the_stages_call() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    *printed, last = done.stdout.strip().splitlines()
+    result = json.loads(last)
+    assert result["code"] == 0
+    assert any(line.startswith("precompile: numba kernels ready in") for line in printed)
+    # a fresh interpreter: nothing compiled before, every kernel the stages call after
+    assert set(result["before"]) >= CALLED_FROM_PYTHON
+    assert all(count == 0 for count in result["before"].values())
+    missing = {name for name in CALLED_FROM_PYTHON if result["after"][name] == 0}
+    assert not missing, f"precompile left these kernels to the first fit: {sorted(missing)}"
+
+
+def test_setup_runs_it() -> None:
+    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    assert '"$VENV/bin/python" -m dm_assets.precompile' in setup
+    for kernel in CALLED_FROM_PYTHON:
+        module = kernel.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        assert module in setup, f"setup does not recompile when {module} changes"
