@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import platform
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_report import write_report  # benchmarks/ is on sys.path (the script's folder)
 
 from dm_assets.attribution import METHODS, dattri_lds, run_method, score_attribution
 from dm_assets.attribution.report import ComputePoint, lds_vs_compute_figure
@@ -207,7 +207,6 @@ def main() -> None:
         )
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_png(
         lds_vs_compute_figure(
             [ComputePoint(str(p["models"]), p["seconds"], p["lds"], None) for p in curve],
@@ -238,7 +237,7 @@ def main() -> None:
             "load_after": os.getloadavg(),
         },
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

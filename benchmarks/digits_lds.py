@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -59,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_report import write_report  # benchmarks/ is on sys.path (the script's folder)
 from scipy.stats import rankdata
 
 from dm_assets.evaluation.ceiling import estimate_noise_ceiling, group_identical_masks
@@ -244,10 +244,7 @@ def main() -> None:
         },
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out}")
+    print(f"written to {write_report(report, args.out)}")
 
 
 if __name__ == "__main__":

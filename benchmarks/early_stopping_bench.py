@@ -24,7 +24,6 @@ admit most features).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_report import write_report  # benchmarks/ is on sys.path (the script's folder)
 
 from dm_assets.regression.beton_reader import BetonSource
 from dm_assets.regression.gram import fit_gram
@@ -135,10 +135,7 @@ def main() -> None:
                 f"{run['targets_choosing_otherwise']:>14}{run['heldout_mse_mean']:>14.6f}"
                 f"{run['heldout_mse_vs_whole_path']:>10.4f}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(report, args.out)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ rows/s: above 1, the loader is faster.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_report import write_report  # benchmarks/ is on sys.path (the script's folder)
 
 from dm_assets.regression.beton_reader import BetonSource
 from dm_assets.regression.beton_writer import write_beton
@@ -148,10 +148,7 @@ def main() -> None:
         f"  ffcv / memmap: {report['ratio_ffcv_over_memmap']:.2f} "
         f"(ffcv set-up and compile: {compile_seconds:.1f} s, once)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(report, args.out)}")
 
 
 if __name__ == "__main__":

@@ -58,17 +58,16 @@ reference takes about 15 s a repeat, ``saga`` and ``saga_refit`` about 15 s each
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from bench_report import write_report  # benchmarks/ is on sys.path (the script's folder)
 from sklearn.linear_model import lasso_path
 
 from dm_assets.regression.config import MIN_LAMBDAS, PATIENCE
@@ -307,10 +306,7 @@ def main() -> None:
             f"{name:<12}{s['seconds_median']:>10.2f}{s['time_ratio_vs_sklearn']:>14.2f}"
             f"{s['heldout_mse']:>14.4f}{s['heldout_mse_ratio_vs_sklearn']:>14.4f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(report, args.out)}")
 
 
 if __name__ == "__main__":
