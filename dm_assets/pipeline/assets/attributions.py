@@ -15,6 +15,7 @@ import time
 
 import dagster as dg
 
+from dm_assets.pipeline import warmup
 from dm_assets.pipeline.assets.fit_steps import latest_fit
 from dm_assets.pipeline.assets.versions import (
     derived_data_version,
@@ -58,6 +59,7 @@ def attribution_assets(
     def attributions_asset(
         context: dg.AssetExecutionContext, home: HomeResource, tracking: MlflowTracking
     ) -> dg.MaterializeResult:
+        warmup.wait_in_step(context)
         from dm_assets.attribution.report import (
             FIGURE_FILE,
             REPORT_FILE,

@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 
 from dm_assets.evaluation.report import curve_markdown, score_lines, scores_markdown
+from dm_assets.pipeline import warmup
 from dm_assets.pipeline.assets.fit_steps import latest_fit
 from dm_assets.pipeline.assets.versions import (
     derived_data_version,
@@ -64,6 +65,7 @@ def evaluation_assets(
     def datamodel_eval(
         context: dg.AssetExecutionContext, home: HomeResource, tracking: MlflowTracking
     ):
+        warmup.wait_in_step(context)
         from dm_assets.evaluation.held_out import FitRows, HeldOutError, evaluate_fit
         from dm_assets.regression.fit import EVALUATION_FILES
 

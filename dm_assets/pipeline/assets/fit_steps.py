@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from dm_assets.pipeline import warmup
 from dm_assets.pipeline.experiment import Experiment
 from dm_assets.pipeline.resources.device_slots import DeviceSlotsResource
 from dm_assets.pipeline.resources.mlflow_tracking import MlflowTracking
@@ -54,6 +55,7 @@ def fit_on_a_device_slot(
     from dm_assets.regression.manifest import ManifestError
     from dm_assets.training.devices import DeviceNotVisibleError, torch_device
 
+    warmup.wait_in_step(context)  # never fit beside the warm-up thread (its module doc)
     started = time.perf_counter()
     with devices.acquire(
         experiment.devices,

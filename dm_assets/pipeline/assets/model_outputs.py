@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import dagster as dg
 import numpy as np
 
+from dm_assets.pipeline import warmup
 from dm_assets.pipeline.assets.versions import (
     configuration_counts,
     describe_counts,
@@ -194,6 +195,12 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
                 f": retraining {to_replace} of them in the selected partitions"
                 if on_change == "retrain"
                 else ": kept beside the new ones (mixed)",
+            )
+        if warmup.start_for_run(context, name):
+            context.log.debug(
+                "%s: loading the fit's modules and kernels in the background while the models "
+                "train (dm_assets.pipeline.warmup)",
+                name,
             )
         report = trainer.train(
             experiment,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dm_assets.pipeline import warmup
 from dm_assets.pipeline.assets import experiment_assets
 from dm_assets.pipeline.definitions import build_definitions
 from dm_assets.pipeline.experiment import Experiment, load_experiment, load_experiments
@@ -63,11 +64,19 @@ def _range(experiment: Experiment, first: str | None, last: str | None) -> dict[
 
 
 @pytest.mark.slow
-def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
+def test_minimal_experiment_whole_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the training step starts the warm-up of the fit's imports, the fit and evaluation wait
+    started: list[frozenset[str]] = []
+    waits: list[float] = []
+    monkeypatch.setattr(warmup, "_thread", None)
+    monkeypatch.setattr(warmup, "_seconds", None)
+    monkeypatch.setattr(warmup, "start", lambda assets: started.append(assets) or True)
+    monkeypatch.setattr(warmup, "wait", lambda: waits.append(0.0) or 0.0)
     experiment = shipped("minimal")
     home = tmp_path / "home"
     result = materialize(experiment, home)
     assert result.success
+    assert started == [{"datamodels", "datamodel_eval"}] and len(waits) == 2
     root = home / "minimal"
 
     with Store.open(root / "store") as store:
@@ -152,9 +161,11 @@ def test_minimal_experiment_whole_graph(tmp_path: Path) -> None:
     curve = client.get_metric_history(run.info.run_id, "eval/lds_curve")
     assert len(curve) == 3
 
-    # materializing again trains nothing and keeps every row
+    # materializing again trains nothing and keeps every row; a run that only trains has
+    # nothing to warm up
     again = materialize(experiment, home, keys=["store", "model_outputs"])
     assert again.success
+    assert len(started) == 1
     rerun = metadata(again, "minimal", "model_outputs")
     assert rerun["run_trained"] == 0 and rerun["run_skipped"] == 300
     with Store.open(root / "store") as store:
