@@ -64,7 +64,7 @@ def compile_kernels() -> dict[str, float]:
         "cross_validated_lasso": lambda: cross_validated_lasso(
             x[20:], y[20:], folds=2, k=4, eps=0.1, device=torch.device("cpu")
         ),
-        # the bootstrap's ranks
+        # the bootstrap's resampled scores (ranks, correlations, reliability)
         "score_held_out": lambda: score_held_out(
             held_y + 0.1, held_y, groups=groups, resamples=20, seed=0
         ),

@@ -14,7 +14,7 @@ from dm_assets_tests.helpers import REPO_ROOT
 # The kernels the stages call from Python (the others are compiled into their callers, or are
 # the tests' reference solver): the statistics' packing, 0/1 check and popcounts, the path,
 # the fixed-lambda solves of the refit and of cross-validation with their validation scores,
-# the bootstrap's ranks.
+# the bootstrap's resampled scores.
 CALLED_FROM_PYTHON = {
     "dm_assets.regression.bit_stats.pack_rows",
     "dm_assets.regression.bit_stats._all_binary",
@@ -22,7 +22,7 @@ CALLED_FROM_PYTHON = {
     "dm_assets.regression.cd_kernel.solve_paths",
     "dm_assets.regression.cd_kernel.solve_columns_screened",
     "dm_assets.regression.cd_kernel.sparse_quadratic_forms",
-    "dm_assets.evaluation.uncertainty._doubled_ranks",
+    "dm_assets.evaluation.uncertainty._resample_scores",
 }
 
 PROBE = """

@@ -77,9 +77,12 @@ Assumptions and scope:
 (``W_<`` the total multiplicity of strictly smaller values, ``W_=`` of its tie block), read off
 the cumulative sums of the multiplicities in sorted order. The Spearman correlation is then the
 multiplicity-weighted Pearson correlation of these ranks, which equals the correlation over the
-materialized resample; the sums are exact in float64 (multiples of 1/4). Normal scores come
-from a per-resample table of ``Phi^-1``. The cost is ``O(resamples * n * t)``, blocked to bound
-memory (:data:`BLOCK_VALUES`).
+materialized resample; the sums are exact integers (in doubled ranks). Normal scores come
+from a per-resample table of ``Phi^-1``. One compiled pass per resample and target computes
+the ranks, every predictor's correlation and the reliability (:func:`_resample_scores`; it
+replaced array expressions over ``(resamples, targets, models)`` blocks that were 3 times
+slower). The cost is ``O(resamples * n * t)``; the sort orders are held for blocks of targets
+(:data:`BLOCK_VALUES`).
 
 Imports neither dagster nor mlflow.
 """
@@ -102,8 +105,8 @@ from dm_assets.evaluation.metrics import Evaluation, evaluate
 
 logger = logging.getLogger(__name__)
 
-# About this many values per (resamples x models x targets) block: the largest temporaries are
-# a handful of such arrays (tens of MB); smaller blocks lose numpy's per-call amortization.
+# About this many (predictors + 1) x models x targets values per block of targets: the sort
+# orders of a block are five int64 arrays of that size (80 MB at most).
 BLOCK_VALUES = 2**21
 
 ONE_MODEL = "one model's output"
@@ -301,12 +304,9 @@ class _SortedUnits:
         # each sorted position's tie block: its first position, and one past its last
         first = np.maximum.accumulate(np.where(starts, spot, 0), axis=1)
         past = np.minimum.accumulate(np.where(ends, spot + 1, u)[:, ::-1], axis=1)[:, ::-1]
-        row, _ = np.nonzero((first != spot) | (past != spot + 1))
         self.order = np.ascontiguousarray(order, dtype=np.int64)
         self.first = np.ascontiguousarray(first, dtype=np.int64)
         self.past = np.ascontiguousarray(past, dtype=np.int64)
-        self.tied_columns = np.zeros(c, dtype=bool)
-        self.tied_columns[row] = True
 
     def doubled_ranks(self, draws: np.ndarray) -> np.ndarray:
         """``2 r - 1``, int64 ``(B, c, U)`` in unit order, for the draws of each mask ``draws``
@@ -327,6 +327,28 @@ class _SortedUnits:
         return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _ranks_into(
+    weight: np.ndarray,
+    group_sorted: np.ndarray,
+    sizes: np.ndarray,
+    order: np.ndarray,
+    first: np.ndarray,
+    past: np.ndarray,
+    cum: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``2 r - 1`` of each unit of one column into ``out[:U]`` (unit order) for the mask
+    multiplicities ``weight`` ``(G,)``, from the column's sorted units (rows of
+    :class:`_SortedUnits`' arrays); ``cum`` is scratch of at least ``U + 1`` int64."""
+    u = order.shape[0]
+    cum[0] = 0
+    for s in range(u):
+        cum[s + 1] = cum[s] + weight[group_sorted[s]] * sizes[s]
+    for s in range(u):
+        out[order[s]] = cum[first[s]] + cum[past[s]]
+
+
 @numba.njit(parallel=True, cache=True)
 def _doubled_ranks(
     draws: np.ndarray,
@@ -337,24 +359,138 @@ def _doubled_ranks(
     past: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """:meth:`_SortedUnits.doubled_ranks` into ``out`` int64 ``(B, c, U)``: per resample ``b``
-    and column ``j``, ``cum`` the cumulative multiplicity ``draws[b, group] * size`` in sorted
-    order, then ``out[b, j, order[j, s]] = cum[first[j, s]] + cum[past[j, s]]``. One pass per
-    (resample, column) in compiled code: the same integers as the array expression it replaced
-    (a gather, a cumulative sum, a scatter, each a pass over ``B c U`` values), several times
-    faster."""
+    """:meth:`_SortedUnits.doubled_ranks` into ``out`` int64 ``(B, c, U)``
+    (:func:`_ranks_into` per resample and column)."""
     b, c, u = out.shape
     for x in numba.prange(b * c):
         r = x // c
         j = x - r * c
         cum = np.empty(u + 1, dtype=np.int64)
-        cum[0] = 0
-        row = draws[r]
-        for s in range(u):
-            cum[s + 1] = cum[s] + row[group_sorted[j, s]] * sizes[j, s]
-        dst = out[r, j]
-        for s in range(u):
-            dst[order[j, s]] = cum[first[j, s]] + cum[past[j, s]]
+        _ranks_into(
+            draws[r], group_sorted[j], sizes[j], order[j], first[j], past[j], cum, out[r, j]
+        )
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _resample_scores(
+    counts: np.ndarray,
+    inverse: np.ndarray,
+    mask_sizes: np.ndarray,
+    a_group: np.ndarray,
+    a_size: np.ndarray,
+    a_order: np.ndarray,
+    a_first: np.ndarray,
+    a_past: np.ndarray,
+    p_group: np.ndarray,
+    p_size: np.ndarray,
+    p_order: np.ndarray,
+    p_first: np.ndarray,
+    p_past: np.ndarray,
+    p_units: np.ndarray,
+    table: np.ndarray,
+    lds: np.ndarray,
+    rho: np.ndarray,
+) -> None:
+    """Every resample's per-target LDS of each predictor and, when ``table`` has rows, the
+    reliability of the outputs (the module doc's computation), in one pass per resample and
+    target with no temporaries larger than a column.
+
+    ``counts`` int64 ``(R, G)``: draws of each mask; ``inverse`` ``(n,)``: the mask of each
+    model; ``mask_sizes`` ``(G,)``. ``a_*`` ``(c, n)``: the outputs' :class:`_SortedUnits`
+    (one unit per model); ``p_*`` ``(P, c, n)``: each predictor's, its first ``p_units[k]``
+    units used (``n``: a unit per model; ``G``: a unit per mask, ``p_group`` the mask).
+    ``table`` float64 ``(R, span)``: ``Phi^-1`` of the normal scores by ``2 r - 1`` per
+    resample (``(0, 0)``: no reliability). Out: ``lds`` float64 ``(P, R, c)`` and ``rho``
+    ``(R, c)`` (untouched without a table), NaN where undefined.
+
+    The rank sums are exact integers in the doubled ranks ``d = 2 r``: with ``N`` the
+    resample's models and ``4 N m^2 = N (N + 1)^2``, ``4 cov = sum w d_p d_a - N (N + 1)^2``
+    and the same for the variances; a predictor with a unit per mask pairs its ranks with the
+    sum of ``d_a`` over the mask's models.
+    """
+    n_resamples, n_masks = counts.shape
+    c, n = a_order.shape
+    n_predictors = p_units.shape[0]
+    with_table = table.shape[0] > 0
+    for b in numba.prange(n_resamples):
+        weight = counts[b]
+        total = 0
+        drawn_squares = 0
+        for g in range(n_masks):
+            total += weight[g] * mask_sizes[g]
+            drawn_squares += weight[g] * mask_sizes[g] * mask_sizes[g]
+        centre = total * (total + 1) * (total + 1)  # 4 N m^2
+        cum = np.empty(n + 1, dtype=np.int64)
+        d_a = np.empty(n, dtype=np.int64)
+        d_p = np.empty(n, dtype=np.int64)
+        mask_a = np.empty(n_masks, dtype=np.int64)
+        z_sum = np.empty(n_masks)
+        z_squares = np.empty(n_masks)
+        for j in range(c):
+            _ranks_into(weight, a_group[j], a_size[j], a_order[j], a_first[j], a_past[j], cum, d_a)
+            var_a = -centre
+            mask_a[:] = 0
+            for i in range(n):
+                d = d_a[i] + 1  # 2 r
+                d_a[i] = d
+                var_a += weight[inverse[i]] * d * d
+                mask_a[inverse[i]] += d
+            for k in range(n_predictors):
+                units = p_units[k]
+                _ranks_into(
+                    weight, p_group[k, j, :units], p_size[k, j, :units], p_order[k, j, :units],
+                    p_first[k, j, :units], p_past[k, j, :units], cum, d_p,
+                )  # fmt: skip
+                var_p = -centre
+                cov = -centre
+                if units == n:  # a unit per model
+                    for i in range(n):
+                        d = d_p[i] + 1
+                        w = weight[inverse[i]]
+                        var_p += w * d * d
+                        cov += w * d * d_a[i]
+                else:  # a unit per mask: unit g is mask g
+                    for g in range(units):
+                        d = d_p[g] + 1
+                        var_p += weight[g] * mask_sizes[g] * d * d
+                        cov += weight[g] * d * mask_a[g]
+                if total < 3 or var_a <= 0:
+                    value = np.nan
+                elif var_p <= 0:
+                    value = 0.0
+                else:
+                    value = cov / math.sqrt(float(var_a) * float(var_p))
+                    value = min(max(value, -1.0), 1.0)
+                lds[k, b, j] = value
+            if not with_table:
+                continue
+            if var_a <= 0 or total <= n_masks:  # constant, or no replicated mask drawn
+                rho[b, j] = np.nan
+                continue
+            z_sum[:] = 0.0
+            z_squares[:] = 0.0
+            scores = table[b]
+            for i in range(n):
+                z = scores[d_a[i] - 1]
+                z_sum[inverse[i]] += z
+                z_squares[inverse[i]] += z * z
+            sum_z = 0.0
+            sum_zz = 0.0
+            between = 0.0  # sum_g w_g S_g^2 / n_g
+            for g in range(n_masks):
+                w = float(weight[g])
+                sum_z += w * z_sum[g]
+                sum_zz += w * z_squares[g]
+                between += w / mask_sizes[g] * z_sum[g] * z_sum[g]
+            models = float(total)
+            ssb = between - sum_z * sum_z / models
+            ssw = sum_zz - between
+            n0 = (models - drawn_squares / models) / (n_masks - 1)
+            msb = ssb / (n_masks - 1)
+            msw = ssw / (models - n_masks)
+            tau2 = (msb - msw) / n0
+            whole = tau2 + msw
+            rho[b, j] = min(max(tau2 / whole, 0.0), 1.0) if whole > 0 else np.nan
 
 
 class _Masks:
@@ -401,19 +537,6 @@ class _Masks:
         return bool((values == values[:, self.first][:, self.inverse]).all())
 
 
-def _weighted(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``sum_u weights[b, u] * values[b, j, u]``: float64 ``(B, c)``."""
-    return np.einsum("bu,bju->bj", weights, values)
-
-
-def _correlation(cov: np.ndarray, var_a: np.ndarray, var_p: np.ndarray) -> np.ndarray:
-    """Per resample and target, ``cov / sqrt(var_a var_p)``; NaN where the output is constant
-    in the resample, 0 where only the prediction is (as :func:`evaluate` scores them)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.clip(cov / np.sqrt(var_a * var_p), -1.0, 1.0)
-    return np.where(var_a > 0, np.where(var_p > 0, r, 0.0), np.nan)
-
-
 def _accumulate(total: np.ndarray, count: np.ndarray, values: np.ndarray) -> None:
     """Add the non-NaN entries of ``values`` ``(..., c)`` into ``total`` and their number into
     ``count`` (for means over targets that skip NaN)."""
@@ -448,71 +571,67 @@ def _bootstrap(
     masks), the ceiling of a ``mean_k``-seed mean."""
     n, t = actual.shape
     resamples = counts.shape[0]
-    width = max(1, min(t, BLOCK_VALUES // max(n, 1)))
-    block = max(1, BLOCK_VALUES // (n * width))
-    lds_sum = np.zeros((len(predicted), resamples))
-    lds_count = np.zeros((len(predicted), resamples), dtype=np.int64)
+    n_predictors = len(predicted)
+    # columns per block: the sorted units of the outputs and of every predictor, five int64
+    # arrays of (c, n) each, stay within a few BLOCK_VALUES
+    width = max(1, min(t, BLOCK_VALUES // max(n * (n_predictors + 1), 1)))
+    lds_sum = np.zeros((n_predictors, resamples))
+    lds_count = np.zeros((n_predictors, resamples), dtype=np.int64)
     ceil_sum, ceil_count = np.zeros(resamples), np.zeros(resamples, dtype=np.int64)
     mean_sum, mean_count = np.zeros(resamples), np.zeros(resamples, dtype=np.int64)
-    counts = counts.astype(np.int64)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    mask_of_model = np.ascontiguousarray(masks.inverse, dtype=np.int64)
     models = counts @ masks.sizes
-    # sum_i (w_i^3 - w_i) over the resample's models: the tie correction of the variance of
-    # the ranks of an untied column, sum w r^2 - N m^2 = (N^3 - N - sum_i (w_i^3 - w_i)) / 12
-    tie_terms = (counts**3 - counts) @ masks.sizes
+    if ceilings:
+        # normal scores Phi^-1((r - 1/2) / N) = Phi^-1((2r - 1) / (2N)) by 2r - 1, a row per
+        # resample; the clip only touches models drawn 0 times, whose scores weigh 0
+        span = 2 * int(models.max()) + 1
+        top = 2.0 * models[:, None]
+        table = np.ascontiguousarray(ndtri(np.clip(np.arange(span)[None, :], 1.0, top - 1.0) / top))
+    else:
+        table = np.empty((0, 0))
     rows = np.ones(n, dtype=np.int64)
     for lo in range(0, t, width):
         hi = min(lo + width, t)
+        c = hi - lo
         columns = np.ascontiguousarray(np.asarray(actual[:, lo:hi], dtype=np.float64).T)
-        sorted_actual = _SortedUnits(columns, masks.inverse, rows)
-        sorted_predicted = []
-        for p in predicted:
+        sorted_actual = _SortedUnits(columns, mask_of_model, rows)
+        # each predictor's units: one per model, or one per mask when its value is constant
+        # over each mask's models (n / G times less work)
+        p_group, p_size, p_order, p_first, p_past = (
+            np.zeros((n_predictors, c, n), dtype=np.int64) for _ in range(5)
+        )
+        units = np.empty(n_predictors, dtype=np.int64)
+        for k, p in enumerate(predicted):
             values = np.ascontiguousarray(np.asarray(p[:, lo:hi], dtype=np.float64).T)
-            if masks.constant_within(values):  # one rank per mask: work on G entries, not n
-                units = _SortedUnits(values[:, masks.first], np.arange(masks.count), masks.sizes)
-                sorted_predicted.append((units, True))
+            if masks.constant_within(values):
+                sorted_p = _SortedUnits(values[:, masks.first], np.arange(masks.count), masks.sizes)
             else:
-                sorted_predicted.append((_SortedUnits(values, masks.inverse, rows), False))
-        tied_actual = np.nonzero(sorted_actual.tied_columns)[0]
-        for b0 in range(0, resamples, block):
-            b1 = min(b0 + block, resamples)
-            draws = counts[b0:b1]
-            per_mask = draws.astype(np.float64)
-            total = models[b0:b1].astype(np.float64)
-            centre = (total * ((total + 1.0) * 0.5) ** 2)[:, None]  # N m^2, m = (N + 1) / 2
-            doubled_a = sorted_actual.doubled_ranks(draws)
-            # sum of the ranks r = (d + 1) / 2 over each mask's models, from the integer sums
-            mask_rank_a = (masks.sums(doubled_a) + masks.sizes) * 0.5
-            var_a = np.repeat(
-                ((total**3 - total - tie_terms[b0:b1]) / 12.0)[:, None], hi - lo, axis=1
-            )
-            if tied_actual.size:
-                tied = (doubled_a[:, tied_actual, :] + 1) * 0.5
-                var_a[:, tied_actual] = _weighted(per_mask, masks.sums(tied * tied)) - centre
-            rank_a = None
-            per_model = None
-            for k, (units, by_mask) in enumerate(sorted_predicted):
-                rank_p = (units.doubled_ranks(draws) + 1) * 0.5
-                if by_mask:
-                    var_p = _weighted(per_mask * masks.sizes, rank_p * rank_p) - centre
-                    cov = _weighted(per_mask, rank_p * mask_rank_a) - centre
-                else:
-                    if per_model is None or rank_a is None:
-                        per_model = per_mask[:, masks.inverse]
-                        rank_a = (doubled_a + 1) * 0.5
-                    var_p = _weighted(per_model, rank_p * rank_p) - centre
-                    cov = _weighted(per_model, rank_p * rank_a) - centre
-                lds = _correlation(cov, var_a, var_p)
-                lds[total < 3] = np.nan  # as evaluate: correlations need three models
-                _accumulate(lds_sum[k, b0:b1], lds_count[k, b0:b1], lds)
-            if not ceilings:
-                continue
-            rho = _resampled_reliability(doubled_a, per_mask, total, masks, var_a)
-            _accumulate(ceil_sum[b0:b1], ceil_count[b0:b1], ceiling_of_mean(rho, 1.0))
-            if mean_k is not None:
-                k_b = mean_k[b0:b1, None]
-                drawn = ~np.isnan(k_b)  # NaN k: no replicated mask drawn
-                ceiling_k = ceiling_of_mean(rho, np.where(drawn, k_b, 1.0))
-                _accumulate(mean_sum[b0:b1], mean_count[b0:b1], np.where(drawn, ceiling_k, np.nan))
+                sorted_p = _SortedUnits(values, mask_of_model, rows)
+            units[k] = sorted_p.u
+            used = slice(0, sorted_p.u)
+            p_group[k, :, used] = sorted_p.group_sorted
+            p_size[k, :, used] = sorted_p.sizes
+            p_order[k, :, used] = sorted_p.order
+            p_first[k, :, used] = sorted_p.first
+            p_past[k, :, used] = sorted_p.past
+        lds = np.empty((n_predictors, resamples, c))
+        rho = np.empty((resamples, c) if ceilings else (0, 0))
+        _resample_scores(
+            counts, mask_of_model, masks.sizes, sorted_actual.group_sorted, sorted_actual.sizes,
+            sorted_actual.order, sorted_actual.first, sorted_actual.past, p_group, p_size,
+            p_order, p_first, p_past, units, table, lds, rho,
+        )  # fmt: skip
+        for k in range(n_predictors):
+            _accumulate(lds_sum[k], lds_count[k], lds[k])
+        if not ceilings:
+            continue
+        _accumulate(ceil_sum, ceil_count, ceiling_of_mean(rho, 1.0))
+        if mean_k is not None:
+            k_b = mean_k[:, None]
+            drawn = ~np.isnan(k_b)  # NaN k: no replicated mask drawn
+            ceiling_k = ceiling_of_mean(rho, np.where(drawn, k_b, 1.0))
+            _accumulate(mean_sum, mean_count, np.where(drawn, ceiling_k, np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
         lds_mean = np.where(lds_count > 0, lds_sum / np.maximum(lds_count, 1), np.nan)
         ceil_mean = np.where(ceil_count > 0, ceil_sum / np.maximum(ceil_count, 1), np.nan)
@@ -522,42 +641,6 @@ def _bootstrap(
         ceiling=ceil_mean if ceilings else None,
         mean_ceiling=mean_mean if ceilings and mean_k is not None else None,
     )
-
-
-def _resampled_reliability(
-    doubled: np.ndarray, per_mask: np.ndarray, total: np.ndarray, masks: _Masks, var_a: np.ndarray
-) -> np.ndarray:
-    """The one-way ANOVA reliability in normal scores (:func:`~dm_assets.evaluation.ceiling.
-    estimate_noise_ceiling`) of each resample, float64 ``(B, c)``, from the doubled ranks
-    ``(B, c, n)`` of the outputs: each drawn copy of a mask is a group. NaN where the output is
-    constant or no replicated mask was drawn."""
-    b = doubled.shape[0]
-    n_groups = masks.count
-    # normal scores Phi^-1((r - 1/2) / N) = Phi^-1((2r - 1) / (2N)) from a table per resample;
-    # the clip only touches models drawn 0 times, whose scores are weighted by 0
-    span = 2 * int(total.max()) + 1
-    top = 2.0 * total[:, None]
-    table = ndtri(np.clip(np.arange(span)[None, :], 1.0, top - 1.0) / top)
-    scores = np.empty(doubled.shape)
-    for row in range(b):
-        np.take(table[row], doubled[row], out=scores[row])
-    sums = masks.sums(scores)
-    squares = masks.sums(scores * scores)
-    sum_z = _weighted(per_mask, sums)
-    sum_zz = _weighted(per_mask, squares)
-    between = _weighted(per_mask / masks.sizes, sums * sums)  # sum_g w_g S_g^2 / n_g
-    ssb = between - sum_z * sum_z / total[:, None]
-    ssw = sum_zz - between
-    drawn_models = per_mask @ (masks.sizes * masks.sizes)
-    n0 = (total - drawn_models / total) / (n_groups - 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        msb = ssb / (n_groups - 1)
-        msw = ssw / (total - n_groups)[:, None]
-        tau2 = (msb - msw) / n0[:, None]
-        whole = tau2 + msw
-        rho = np.where(whole > 0, tau2 / np.where(whole > 0, whole, 1.0), np.nan)
-    replicated = (total > n_groups)[:, None]
-    return np.where((var_a > 0) & replicated, np.clip(rho, 0.0, 1.0), np.nan)
 
 
 def _check_level(resamples: int, level: float) -> None:
