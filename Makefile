@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/loader_bench.py
 	$(PY) benchmarks/orchestration_bench.py
 	$(PY) benchmarks/digits_lds.py
+	$(PY) benchmarks/bootstrap_bench.py
 	$(PY) benchmarks/fanout_bench.py
 	$(PY) benchmarks/scale_bench.py
 

@@ -1,6 +1,6 @@
 """The warm-up of a run's fitting steps while its training step waits on its workers
-(:mod:`dm_assets.pipeline.warmup`): which runs start it, what it loads, that its failures stay
-quiet. That the steps start and wait for it is checked by the whole-graph run
+(:mod:`dm_assets.pipeline.warmup`): which runs start it and when, what it loads, that its
+failures stay quiet. That the steps start and wait for it is checked by the whole-graph run
 (``test_graph.test_minimal_experiment_whole_graph``)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -105,3 +106,33 @@ def test_a_failed_warm_up_is_quiet_and_waited_for(monkeypatch: pytest.MonkeyPatc
     warmup.wait()
     assert warmup.warmed_seconds() is None  # the step that imports it meets the error itself
     assert warmup.wait() == 0.0
+
+
+def test_a_warm_up_starts_only_when_training_outlasts_the_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defs = build_definitions([shipped("minimal")], resources(tmp_path))
+    everything: Any = SimpleNamespace(job_def=defs.resolve_job_def("minimal_all"))
+    training: Any = SimpleNamespace(job_def=defs.resolve_job_def("minimal_train"))
+    started: list[frozenset[str]] = []
+    monkeypatch.setattr(warmup, "start", lambda assets: started.append(assets) or True)
+
+    monkeypatch.setattr(warmup, "DELAY_SECONDS", 0.05)
+    with warmup.while_training(everything, "minimal") as warmed:
+        time.sleep(0.5)  # a training longer than the delay
+    assert warmed() is True and started == [{"datamodels", "datamodel_eval"}]
+
+    started.clear()
+    monkeypatch.setattr(warmup, "DELAY_SECONDS", 0.5)
+    with warmup.while_training(everything, "minimal") as warmed:
+        pass  # shorter: the timer is cancelled
+    time.sleep(0.7)
+    assert warmed() is False and started == []
+
+    monkeypatch.setattr(warmup, "DELAY_SECONDS", 0.0)
+    with warmup.while_training(training, "minimal") as warmed:  # nothing to warm up
+        time.sleep(0.2)
+    monkeypatch.setenv("DM_WARMUP", "0")
+    with warmup.while_training(everything, "minimal") as warmed_off:  # turned off
+        time.sleep(0.2)
+    assert warmed() is False and warmed_off() is False and started == []

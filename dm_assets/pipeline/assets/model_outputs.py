@@ -196,20 +196,21 @@ def training_assets(experiment: Experiment) -> list[dg.AssetsDefinition | dg.Ass
                 if on_change == "retrain"
                 else ": kept beside the new ones (mixed)",
             )
-        if warmup.start_for_run(context, name):
+        with warmup.while_training(context, name) as warmed:
+            report = trainer.train(
+                experiment,
+                paths,
+                indices,
+                log=context.log,
+                on_progress=progress_lines(context.log.info, name, trainer.progress_every),
+                replace_configurations=replace,
+            )
+        if warmed():
             context.log.debug(
-                "%s: loading the fit's modules and kernels in the background while the models "
-                "train (dm_assets.pipeline.warmup)",
+                "%s: the fit's modules and kernels loaded in the background while the models "
+                "trained (dm_assets.pipeline.warmup)",
                 name,
             )
-        report = trainer.train(
-            experiment,
-            paths,
-            indices,
-            log=context.log,
-            on_progress=progress_lines(context.log.info, name, trainer.progress_every),
-            replace_configurations=replace,
-        )
         with Store.open(paths.store) as opened:
             completed = opened.completed_mask()[selected]
             ids = opened.configuration_ids(selected)

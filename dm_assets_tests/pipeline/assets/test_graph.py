@@ -70,6 +70,7 @@ def test_minimal_experiment_whole_graph(tmp_path: Path, monkeypatch: pytest.Monk
     waits: list[float] = []
     monkeypatch.setattr(warmup, "_thread", None)
     monkeypatch.setattr(warmup, "_seconds", None)
+    monkeypatch.setattr(warmup, "DELAY_SECONDS", 0.0)  # this training is shorter than the delay
     monkeypatch.setattr(warmup, "start", lambda assets: started.append(assets) or True)
     monkeypatch.setattr(warmup, "wait", lambda: waits.append(0.0) or 0.0)
     experiment = shipped("minimal")
