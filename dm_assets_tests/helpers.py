@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,6 +55,22 @@ def run_module(
             f"stderr:\n{proc.stderr}"
         )
     return proc
+
+
+def run_probe(code: str, timeout: float = 600) -> tuple[list[str], Any]:
+    """Run ``code`` in a fresh interpreter from the repository root (it must succeed and print
+    a JSON document on its last line); the lines before, and that document."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    *printed, last = done.stdout.strip().splitlines()
+    return printed, json.loads(last)
 
 
 @dataclass

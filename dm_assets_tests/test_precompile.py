@@ -5,11 +5,7 @@ runs it."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from dm_assets_tests.helpers import REPO_ROOT
+from dm_assets_tests.helpers import REPO_ROOT, run_probe
 
 # The kernels the stages call from Python (the others are compiled into their callers, or are
 # the tests' reference solver): the statistics' packing, 0/1 check and popcounts, the path,
@@ -46,17 +42,7 @@ print(json.dumps({"before": before, "after": compiled(), "code": code}))
 
 
 def test_precompile_compiles_every_kernel_the_stages_call() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    *printed, last = done.stdout.strip().splitlines()
-    result = json.loads(last)
+    printed, result = run_probe(PROBE)
     assert result["code"] == 0
     assert any(line.startswith("precompile: numba kernels ready in") for line in printed)
     # a fresh interpreter: nothing compiled before, every kernel the stages call after

@@ -5,9 +5,6 @@ failures stay quiet. That the steps start and wait for it is checked by the whol
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +16,7 @@ import pytest
 from dm_assets.pipeline import warmup
 from dm_assets.pipeline.definitions import build_definitions
 from dm_assets.pipeline.experiment import Experiment, load_experiments
-from dm_assets_tests.helpers import REPO_ROOT, resources
+from dm_assets_tests.helpers import resources, run_probe
 
 
 def shipped(name: str) -> Experiment:
@@ -75,16 +72,7 @@ print(json.dumps({
 
 
 def test_a_warm_up_loads_the_fit_once_per_process() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    _, result = run_probe(PROBE)
     assert result["first"] is True and result["second"] is False
     assert result["seconds"] > 0 and result["after_wait"] == 0.0
     # the solver's kernel is loaded (from numba's cache, or compiled) before any fit asks
