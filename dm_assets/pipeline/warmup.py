@@ -87,10 +87,9 @@ def start(assets: frozenset[str] = WARMED_ASSETS) -> bool:
     with _lock:
         if _thread is not None:
             return False
-        _thread = threading.Thread(
-            target=_run, args=(assets,), name="dm_assets-warmup", daemon=True
-        )
-        _thread.start()
+        thread = threading.Thread(target=_run, args=(assets,), name="dm_assets-warmup", daemon=True)
+        thread.start()
+        _thread = thread  # published once started: wait() never sees it not yet alive
         return True
 
 
