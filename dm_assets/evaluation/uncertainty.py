@@ -284,14 +284,14 @@ def resample_masks(n_masks: int, resamples: int, seed: int) -> np.ndarray:
 class _SortedUnits:
     """The sort order and tie blocks of ``values`` float ``(c, U)`` (a row per target, an entry
     per unit: a held-out model, or a mask whose models share the value), from which
-    :meth:`doubled_ranks` reads the average ranks of any resample of the masks.
+    :func:`_ranks_into` reads the average ranks of any resample of the masks.
 
     ``unit_group`` int ``(U,)``: the mask of each unit; ``unit_size`` int ``(U,)``: the models
     it stands for (each takes the unit's rank)."""
 
     def __init__(self, values: np.ndarray, unit_group: np.ndarray, unit_size: np.ndarray) -> None:
         c, u = values.shape
-        self.c, self.u = c, u
+        self.u = u
         order = np.argsort(values, axis=1, kind="stable")
         ordered = np.take_along_axis(values, order, axis=1)
         self.group_sorted = np.ascontiguousarray(unit_group[order], dtype=np.int64)
@@ -308,24 +308,6 @@ class _SortedUnits:
         self.first = np.ascontiguousarray(first, dtype=np.int64)
         self.past = np.ascontiguousarray(past, dtype=np.int64)
 
-    def doubled_ranks(self, draws: np.ndarray) -> np.ndarray:
-        """``2 r - 1``, int64 ``(B, c, U)`` in unit order, for the draws of each mask ``draws``
-        int64 ``(B, G)``: with ``cum`` the cumulative multiplicity in sorted order (0 first),
-        ``2 r - 1 = 2 W_< + W_= = cum[first] + cum[past]`` over the unit's tie block (for an
-        untied unit ``cum[s] + cum[s + 1]``). Units drawn 0 times get a finite rank (weighted
-        by 0 wherever used). Exact integers (:func:`_doubled_ranks`)."""
-        out = np.empty((draws.shape[0], self.c, self.u), dtype=np.int64)
-        _doubled_ranks(
-            np.ascontiguousarray(draws, dtype=np.int64),
-            self.group_sorted,
-            self.sizes,
-            self.order,
-            self.first,
-            self.past,
-            out,
-        )
-        return out
-
 
 @numba.njit(cache=True, nogil=True)
 def _ranks_into(
@@ -340,35 +322,17 @@ def _ranks_into(
 ) -> None:
     """``2 r - 1`` of each unit of one column into ``out[:U]`` (unit order) for the mask
     multiplicities ``weight`` ``(G,)``, from the column's sorted units (rows of
-    :class:`_SortedUnits`' arrays); ``cum`` is scratch of at least ``U + 1`` int64."""
+    :class:`_SortedUnits`' arrays); ``cum`` is scratch of at least ``U + 1`` int64. With
+    ``cum`` the cumulative multiplicity in sorted order (0 first), ``2 r - 1 = 2 W_< + W_= =
+    cum[first] + cum[past]`` over the unit's tie block (for an untied unit ``cum[s] +
+    cum[s + 1]``). Units drawn 0 times get a finite rank (weighted by 0 wherever used). Exact
+    integers."""
     u = order.shape[0]
     cum[0] = 0
     for s in range(u):
         cum[s + 1] = cum[s] + weight[group_sorted[s]] * sizes[s]
     for s in range(u):
         out[order[s]] = cum[first[s]] + cum[past[s]]
-
-
-@numba.njit(parallel=True, cache=True)
-def _doubled_ranks(
-    draws: np.ndarray,
-    group_sorted: np.ndarray,
-    sizes: np.ndarray,
-    order: np.ndarray,
-    first: np.ndarray,
-    past: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """:meth:`_SortedUnits.doubled_ranks` into ``out`` int64 ``(B, c, U)``
-    (:func:`_ranks_into` per resample and column)."""
-    b, c, u = out.shape
-    for x in numba.prange(b * c):
-        r = x // c
-        j = x - r * c
-        cum = np.empty(u + 1, dtype=np.int64)
-        _ranks_into(
-            draws[r], group_sorted[j], sizes[j], order[j], first[j], past[j], cum, out[r, j]
-        )
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -18,6 +18,7 @@ from dm_assets.evaluation.uncertainty import (
     _bootstrap,
     _harmonic_mean,
     _prepare,
+    _ranks_into,
     _SortedUnits,
     basic_interval,
     bootstrap_lds,
@@ -366,7 +367,15 @@ def test_doubled_ranks_of_a_resample_are_brute_force_ranks(sized: bool) -> None:
     unit_group = rng.integers(0, groups, size=u)
     unit_size = rng.integers(1, 4, size=u) if sized else np.ones(u, dtype=np.int64)
     draws = rng.integers(0, 3, size=(resamples, groups))
-    got = _SortedUnits(values, unit_group, unit_size).doubled_ranks(draws)
+    units = _SortedUnits(values, unit_group, unit_size)
+    got = np.empty((resamples, c, u), dtype=np.int64)
+    cum = np.empty(u + 1, dtype=np.int64)
+    for b in range(resamples):
+        for j in range(c):
+            _ranks_into(
+                draws[b], units.group_sorted[j], units.sizes[j], units.order[j],
+                units.first[j], units.past[j], cum, got[b, j],
+            )  # fmt: skip
     weight = draws[:, unit_group] * unit_size  # (resamples, u)
     want = np.empty_like(got)
     for j in range(c):
