@@ -51,6 +51,7 @@ def compile_kernels() -> dict[str, float]:
     from dm_assets.regression.cross_validation import cross_validated_lasso
     from dm_assets.regression.data import ArraySource
     from dm_assets.regression.gram import fit_gram
+    from dm_assets.regression.stats import accumulate_stats
 
     x, y = _problem()
     held_y = y[:40].astype(np.float64)  # 40 held-out models' outputs
@@ -59,6 +60,13 @@ def compile_kernels() -> dict[str, float]:
         # the statistics (bit packing, popcounts), every target's path, the refit
         "fit_gram": lambda: fit_gram(
             ArraySource(x, y), np.arange(20, 100), np.arange(100, 120), k=4, eps=0.1
+        ),
+        # masks that are not all 0/1 (the packing taken back, then float sums and checks)
+        "accumulate_stats": lambda: accumulate_stats(
+            ArraySource(np.where(np.arange(120)[:, None] == 0, 0.5, x), y),
+            np.arange(120),
+            batch_size=40,
+            device=torch.device("cpu"),
         ),
         # fixed-lambda solves with validation scores, as the LDS curve runs them
         "cross_validated_lasso": lambda: cross_validated_lasso(

@@ -172,19 +172,27 @@ def accumulate_stats(
     n = 0
     for x, y, _ in source.batches(rows, batch_size, device=device):
         n += int(x.shape[0])
-        binary = is_binary(x)
-        column_sums = x.sum(0).to(torch.float64)
-        sum_x += column_sums
-        sum_x2 += column_sums if binary else (x * x).sum(0).to(torch.float64)
         y64 = y.to(torch.float64)
         sum_y += y64.sum(0)
         sum_y2 += y64.square().sum(0)
         # float32 products within a batch, float64 across batches
         xty += (x.T @ y).to(torch.float64)
-        if not gram:
+        # float32 batches go straight to the packing pass, which also checks the values and
+        # counts the column sums; other dtypes are checked first (a cast to float32 could
+        # round a value near 1 to 1)
+        ones = None
+        if packed is not None and (x.dtype == torch.float32 or is_binary(x)):
+            ones = packed.try_add(x.numpy())
+        if ones is not None:
+            column_sums = torch.from_numpy(ones).to(torch.float64)
+            sum_x += column_sums
+            sum_x2 += column_sums
             continue
-        if packed is not None and binary:
-            packed.add(x.numpy())
+        binary = packed is None and is_binary(x)
+        column_sums = x.sum(0).to(torch.float64)
+        sum_x += column_sums
+        sum_x2 += column_sums if binary else (x * x).sum(0).to(torch.float64)
+        if not gram:
             continue
         if packed is not None:  # the first batch that is not 0/1: the counts so far, then floats
             xtx = _counts_to_float64(packed.result())

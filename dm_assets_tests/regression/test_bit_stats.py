@@ -39,10 +39,12 @@ def test_packed_gram_equals_float_gram(
 ) -> None:
     x = masks(n, p, seed, alpha=0.3 + 0.2 * seed)
     gram = PackedGram(p, chunk_words=chunk_words)
+    sums = np.zeros(p, dtype=np.int64)
     for start in range(0, n, batch):
-        gram.add(x[start : start + batch])
+        sums += gram.add(x[start : start + batch])
     xd = x.astype(np.float64)
     np.testing.assert_array_equal(gram.result(), xd.T @ xd)
+    np.testing.assert_array_equal(sums, xd.sum(0))
 
 
 def test_pack_rows_bit_layout() -> None:
@@ -50,12 +52,15 @@ def test_pack_rows_bit_layout() -> None:
     x[[0, 5, 63], 0] = 1
     x[[64, 69], 1] = 1
     packed = np.zeros((2, 2), dtype=np.uint64)
-    assert pack_rows(x, packed, 0)
+    counts = np.zeros(2, dtype=np.int64)
+    assert pack_rows(x, packed, 0, counts)
+    assert counts.tolist() == [3, 2]
     assert packed[0, 0] == (1 << 0) | (1 << 5) | (1 << 63) and packed[0, 1] == 0
     assert packed[1, 0] == 0 and packed[1, 1] == (1 << 0) | (1 << 5)
     # at an offset inside a word: row r goes to bit (offset + r) % 64
     shifted = np.zeros((2, 3), dtype=np.uint64)
-    assert pack_rows(x, shifted, 60)
+    assert pack_rows(x, shifted, 60, counts)
+    assert counts.tolist() == [6, 4]
     assert shifted[0, 0] == 1 << 60 and shifted[0, 1] == (1 << 1) | (1 << 59)
     assert shifted[1, 0] == 0 and shifted[1, 1] == 1 << 60 and shifted[1, 2] == 1 << 1
 
@@ -68,6 +73,19 @@ def test_non_binary_batches_are_refused_and_fall_back() -> None:
     with pytest.raises(ValueError, match=r"\(rows, 12\)"):
         gram.add(x[:, :5])
     assert is_binary(torch.from_numpy(x)) and is_binary(torch.from_numpy(x.astype(np.float64)))
+    # a refused batch is not added, wherever it falls in the buffer: the counts stay exact
+    gram = PackedGram(12, chunk_words=2)  # 128-row buffer
+    bad = x[:50].copy()
+    bad[49, 7] = 0.5
+    total = np.zeros(12, dtype=np.int64)
+    for start, stop in [(0, 100), (100, 110), (110, 300)]:  # 300 rows: a multi-buffer batch
+        total += gram.add(x[start:stop])
+        assert gram.try_add(bad) is None
+        big_bad = np.concatenate([x[:200], bad])
+        assert gram.try_add(big_bad) is None
+    xd = x.astype(np.float64)
+    np.testing.assert_array_equal(gram.result(), xd.T @ xd)
+    np.testing.assert_array_equal(total, xd.sum(0))
     assert is_binary(torch.from_numpy(x).to(torch.int64))
     # a late batch with a 2: the counts so far are kept and the rest is summed in floats
     x[250, 3] = 2.0
