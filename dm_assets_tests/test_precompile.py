@@ -9,8 +9,8 @@ from dm_assets_tests.helpers import REPO_ROOT, run_probe
 
 # The kernels the stages call from Python (the others are compiled into their callers, or are
 # the tests' reference solver): the statistics' packing, 0/1 check, taking back a batch that
-# is not 0/1, and popcounts, the path, the fixed-lambda solves of the refit and of cross-validation with their validation scores,
-# the bootstrap's resampled scores.
+# is not 0/1, and popcounts, the path, the fixed-lambda solves of the refit and of
+# cross-validation with their validation scores, the bootstrap's resampled scores.
 CALLED_FROM_PYTHON = {
     "dm_assets.regression.bit_stats.pack_rows",
     "dm_assets.regression.bit_stats._all_binary",
