@@ -5,6 +5,9 @@ runs it."""
 
 from __future__ import annotations
 
+import pytest
+
+from dm_assets.precompile import compile_kernels
 from dm_assets_tests.helpers import REPO_ROOT, run_probe
 
 # The kernels the stages call from Python (the others are compiled into their callers, or are
@@ -59,3 +62,8 @@ def test_setup_runs_it() -> None:
     for kernel in CALLED_FROM_PYTHON:
         module = kernel.rsplit(".", 1)[0].replace(".", "/") + ".py"
         assert module in setup, f"setup does not recompile when {module} changes"
+
+
+def test_an_unknown_step_is_refused_before_anything_runs() -> None:
+    with pytest.raises(ValueError, match=r"unknown precompile steps \['fit'\]"):
+        compile_kernels(only=["fit"])

@@ -54,7 +54,8 @@ fi
 "$VENV/bin/python" -c "import dm_assets, numpy, torch, ffcv, dagster, mlflow" \
   || { echo "setup: the environment in $VENV is broken; remove it and rerun" >&2; exit 1; }
 
-# numba compiles the solver's and the bootstrap's kernels on first use (about 85 s on 2 cores)
+# numba compiles the solver's and the bootstrap's kernels on first use (about 85 s on 2 cores;
+# precompile splits them between two processes: about 55 s)
 # and caches them beside their source: compile them here, not inside the first fit; again
 # whenever a kernel's source changed (dm_assets/precompile.py)
 kernels=(dm_assets/regression/cd_kernel.py dm_assets/regression/bit_stats.py
