@@ -29,6 +29,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
 
@@ -121,17 +122,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     helper = None
-    if (os.cpu_count() or 1) > 1:
-        helper = subprocess.Popen(
-            [sys.executable, "-m", "dm_assets.precompile", "--helper"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    try:
-        seconds = compile_kernels()
-    finally:
-        helper_error = helper.communicate()[1] if helper is not None else ""
+    # the helper's error output goes to a file, read once it has exited (a pipe read only
+    # then could fill up and stall it)
+    with tempfile.TemporaryFile(mode="w+") as helper_log:
+        if (os.cpu_count() or 1) > 1:
+            helper = subprocess.Popen(
+                [sys.executable, "-m", "dm_assets.precompile", "--helper"],
+                stdout=subprocess.DEVNULL,
+                stderr=helper_log,
+            )
+        try:
+            seconds = compile_kernels()
+        finally:
+            if helper is not None:
+                helper.wait()
+        helper_log.seek(0)
+        helper_error = helper_log.read()
     if helper is not None and helper.returncode != 0:
         # this process ran every step itself, so the kernels are ready; say what failed
         print(
@@ -140,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     parts = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
-    processes = "two processes" if helper is not None else "one process"
+    processes = "two processes" if helper is not None and helper.returncode == 0 else "one process"
     print(
         f"precompile: numba kernels ready in {time.perf_counter() - start:.1f} s "
         f"({processes}; this one's steps: {parts})"

@@ -67,3 +67,21 @@ def test_setup_runs_it() -> None:
 def test_an_unknown_step_is_refused_before_anything_runs() -> None:
     with pytest.raises(ValueError, match=r"unknown precompile steps \['fit'\]"):
         compile_kernels(only=["fit"])
+
+
+def test_a_failed_helper_is_reported_and_this_process_compiles_everything() -> None:
+    # the helper cannot start its interpreter (exit 1): the command still succeeds, having run
+    # every step itself, and says what failed
+    probe = """
+import contextlib, io, json, sys
+sys.executable = "/bin/false"
+from dm_assets.precompile import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main([])
+print(json.dumps({"code": code, "stderr": err.getvalue()}))
+"""
+    printed, result = run_probe(probe)
+    assert result["code"] == 0
+    assert "the helper process failed (exit 1)" in result["stderr"]
+    assert any("(one process; this one's steps: fit_gram" in line for line in printed)
