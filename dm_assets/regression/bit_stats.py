@@ -103,10 +103,10 @@ def pack_rows(x: np.ndarray, packed: np.ndarray, row_offset: int, counts: np.nda
     return bool(binary.all())
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _clear_rows(packed: np.ndarray, start: int, stop: int) -> None:
     """Clear the bits of rows ``start .. stop - 1`` in every column of ``packed``."""
-    for j in numba.prange(packed.shape[0]):
+    for j in range(packed.shape[0]):
         for pos in range(start, stop):
             packed[j, pos >> 6] &= ~(np.uint64(1) << np.uint64(pos & 63))
 
@@ -230,8 +230,7 @@ class PackedGram:
             # spread over several buffers, some counted before a bad row could show up
             if not _all_binary(x):
                 return None
-            for start in range(0, x.shape[0], self.capacity):
-                self._pack(x[start : start + self.capacity], sums)
+            self._pack(x, sums)
             return sums
         if self.rows_in_buffer + x.shape[0] > self.capacity:
             self._flush()  # the batch fits in one buffer: it can be taken back whole
@@ -240,8 +239,8 @@ class PackedGram:
         return sums
 
     def _pack(self, x: np.ndarray, sums: np.ndarray) -> bool:
-        """Pack ``x`` (at most ``capacity`` rows) into the buffer, counting when it fills;
-        False, and the buffer as it was, if ``x`` is not 0/1 (one buffer's worth only)."""
+        """Pack ``x`` into the buffer, counting each time it fills; False if ``x`` is not
+        0/1, with the buffer as it was when ``x`` fitted in what was left of it."""
         start = 0
         while start < x.shape[0]:
             take = min(self.capacity - self.rows_in_buffer, x.shape[0] - start)
