@@ -3,7 +3,8 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/scale_bench.py [--parts orchestration,store,small]
-        [--runs-seconds 300] [--rows 5000] [--out benchmarks/results/scale.json]
+        [--runs-seconds 300] [--rows 5000] [--store-repeats 3]
+        [--out benchmarks/results/scale.json]
 
 ``--parts store,small`` (the dataset's numbers) takes about 2 minutes on a quiet 2-core machine,
 most of it the FFCV reference's processes (each imports FFCV, seconds of numba compilation);
@@ -35,11 +36,19 @@ file; each part records its machine and load (``<part>_run``).
      timed) writing the same rows, fsynced, what ``write_beton`` ran before it wrote the format
      itself.
 
-   And once, the floor of any writer that persists the dataset, ``write_only``: the dataset's
+   - ``copy`` (cold only): the least any converter of these rows does, in one thread: the
+     rows' bytes read in 4 MiB pieces (masks and targets interleaved, as ``write_beton``
+     reads them) and as many bytes as the dataset written, each piece started to disk at
+     once (``sync_file_range``), then fsynced.
+
+   And the floor of any writer that persists the dataset, ``write_only``: the dataset's
    bytes written from memory to a new file and fsynced, ``plain`` (64 MiB writes, then
    ``fsync``) and ``overlapped`` (4 MiB writes, each followed by ``sync_file_range`` so that
-   the disk writes meanwhile, as ``write_beton`` does). Reported: MB/s of store bytes for
-   each, ``ratio_beton_to_raw`` (the goal: at least 0.5), ``ratio_ffcv_to_raw``,
+   the disk writes meanwhile, as ``write_beton`` does). All of it ``--store-repeats`` (3)
+   times, alternating; medians, every sample kept. Reported: MB/s of store bytes for each,
+   ``ratio_beton_to_raw`` (the goal: at least 0.5), ``ratio_ffcv_to_raw``,
+   ``ratio_copy_to_raw`` and ``ratio_beton_to_copy`` (the median over repeats of each
+   repeat's ratio: this machine's disk drifts between repeats more than within one),
    ``ratio_write_only_to_raw`` (the best any persisting writer can reach: it bounds the
    goal), the rows/s of the store's writes and the disk usage of the store and the dataset.
 3. ``small``: the cost of a whole ``python -m dm_assets.regression.write_dataset`` process
@@ -234,6 +243,43 @@ def raw_read(paths_ranges: list[tuple[Path, int, int]], chunk: int = 64 << 20) -
     return total
 
 
+def copy_floor(paths_ranges: list[tuple[Path, int, int]], out: Path, nbytes: int) -> None:
+    """The least any converter of these rows into a dataset of ``nbytes`` bytes does, in one
+    thread: read the rows' bytes (each file's range, in as many pieces as the output has
+    4 MiB pieces, interleaved as ``write_beton`` reads masks and targets) and write ``nbytes``
+    to ``out``, each piece started to disk at once (``sync_file_range``), then ``fsync``."""
+    from dm_assets.regression.beton_writer import _start_writeback
+
+    chunk = 4 << 20
+    pieces = -(-nbytes // chunk)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    fds = [os.open(path, os.O_RDONLY) for path, _, _ in paths_ranges]
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for f in fds:
+            os.posix_fadvise(f, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        steps = [-(-(stop - start) // pieces) for _, start, stop in paths_ranges]
+        for piece in range(pieces):
+            at = 0
+            for f, (_, start, stop), step in zip(fds, paths_ranges, steps, strict=True):
+                lo = start + piece * step
+                n = max(0, min(step, stop - lo, chunk - at))
+                if n:
+                    os.preadv(f, [view[at : at + n]], lo)
+                    at += n
+            offset = piece * chunk
+            size = min(chunk, nbytes - offset)
+            written = os.pwrite(fd, view[:size], offset)
+            assert written == size
+            _start_writeback(fd, offset, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        for f in fds:
+            os.close(f)
+
+
 class _StoreRows:
     """The store's rows ``indices`` as FFCV's writer asks for them (item ``i``: mask, float32
     targets, model index); each writer process maps the files itself."""
@@ -359,68 +405,102 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     write_beton(work / "tiny", work / "tiny.beton")
     ffcv_write(work / "tiny", work / "tiny_ffcv.beton", 4)
 
-    measured: dict[str, dict[str, float]] = {}
     beton, ffcv_beton = work / "data.beton", work / "ffcv.beton"
-    for cache in ("cold", "warm"):
-        for out in (beton, ffcv_beton):
-            out.unlink(missing_ok=True)
-        if cache == "cold":
-            drop_cache(files)
-        t = time.perf_counter()
-        got = raw_read(ranges)
-        raw_seconds = time.perf_counter() - t
-        assert got == store_bytes
-        if cache == "cold":
-            drop_cache(files)
-        t = time.perf_counter()
-        summary = write_beton(path, beton)
-        beton_seconds = time.perf_counter() - t
-        assert summary.rows == rows and (summary.idx_min, summary.idx_max) == (0, rows - 1)
-        if cache == "cold":
-            drop_cache(files)
-        t = time.perf_counter()
-        ffcv_write(path, ffcv_beton, rows)
-        ffcv_seconds = time.perf_counter() - t
-        measured[cache] = {
-            "raw_read_seconds": raw_seconds,
-            "raw_read_MB_per_s": store_bytes / MB / raw_seconds,
-            "write_beton_seconds": beton_seconds,
-            "write_beton_MB_per_s": store_bytes / MB / beton_seconds,
-            "ratio_beton_to_raw": raw_seconds / beton_seconds,
-            "ffcv_seconds": ffcv_seconds,
-            "ffcv_MB_per_s": store_bytes / MB / ffcv_seconds,
-            "ratio_ffcv_to_raw": raw_seconds / ffcv_seconds,
-            "beton_bytes": summary.nbytes,
-            "ffcv_beton_bytes": ffcv_beton.stat().st_size,
-            "load_1min": os.getloadavg()[0],
-        }
-        print(
-            f"  {cache}: raw read {raw_seconds:.2f} s, write_beton {beton_seconds:.2f} s, "
-            f"FFCV's writer {ffcv_seconds:.2f} s",
-            flush=True,
-        )
-    # the floor of any writer that persists the dataset: its bytes, from memory, fsynced;
-    # plainly (64 MiB writes, then fsync) and with the disk writing while the rest is written
-    # (4 MiB writes, each followed by sync_file_range, as write_beton does)
-    data = beton.read_bytes()
-    floors = {}
-    for name, chunk, overlap in (("plain", 64 << 20, False), ("overlapped", 4 << 20, True)):
-        floor_file = work / f"floor_{name}.bin"
-        t = time.perf_counter()
-        fd = os.open(floor_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            offset = 0
-            while offset < len(data):
-                n = os.pwrite(fd, memoryview(data)[offset : offset + chunk], offset)
-                if overlap:
-                    _start_writeback(fd, offset, n)
-                offset += n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        floors[name] = time.perf_counter() - t
-        floor_file.unlink()
+    copy_out = work / "copy.bin"
+    samples: dict[str, dict[str, list[float]]] = {
+        "cold": {"raw": [], "write_beton": [], "ffcv": [], "copy": []},
+        "warm": {"raw": [], "write_beton": [], "ffcv": []},
+    }
+    floors: dict[str, list[float]] = {"plain": [], "overlapped": []}
+    loads: dict[str, list[float]] = {"cold": [], "warm": []}
+    beton_bytes = ffcv_bytes = 0
+    data = b""
+    for repeat in range(args.store_repeats):
+        for cache in ("cold", "warm"):
+            times = samples[cache]
+            for name in times:  # alternating, each from the same cache state
+                for out in (beton, ffcv_beton, copy_out):
+                    out.unlink(missing_ok=True)
+                if cache == "cold":
+                    drop_cache(files)
+                t = time.perf_counter()
+                if name == "raw":
+                    assert raw_read(ranges) == store_bytes
+                elif name == "write_beton":
+                    summary = write_beton(path, beton)
+                    assert summary.rows == rows
+                    assert (summary.idx_min, summary.idx_max) == (0, rows - 1)
+                elif name == "ffcv":
+                    ffcv_write(path, ffcv_beton, rows)
+                else:
+                    copy_floor(ranges, copy_out, beton_bytes)
+                times[name].append(time.perf_counter() - t)
+                if name == "write_beton":
+                    beton_bytes = summary.nbytes
+                    if not data:
+                        data = beton.read_bytes()
+                elif name == "ffcv":
+                    ffcv_bytes = ffcv_beton.stat().st_size
+            loads[cache].append(os.getloadavg()[0])
+            print(
+                f"  repeat {repeat + 1}, {cache}: "
+                + ", ".join(f"{name} {times[name][-1]:.2f} s" for name in times),
+                flush=True,
+            )
+        # the floor of any writer that persists the dataset: its bytes, from memory, fsynced;
+        # plainly (64 MiB writes, then fsync) and with the disk writing while the rest is
+        # written (4 MiB writes, each followed by sync_file_range, as write_beton does)
+        for name, chunk, overlap in (("plain", 64 << 20, False), ("overlapped", 4 << 20, True)):
+            floor_file = work / f"floor_{name}.bin"
+            t = time.perf_counter()
+            fd = os.open(floor_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                offset = 0
+                while offset < len(data):
+                    n = os.pwrite(fd, memoryview(data)[offset : offset + chunk], offset)
+                    if overlap:
+                        _start_writeback(fd, offset, n)
+                    offset += n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            floors[name].append(time.perf_counter() - t)
+            floor_file.unlink()
     del data
+    median = statistics.median
+
+    def paired(cache: str, over: str, under: str) -> float:
+        """The median over repeats of ``over``'s seconds / ``under``'s of the same repeat (the
+        machine's speed drifts between repeats more than within one)."""
+        times = samples[cache]
+        return median(a / b for a, b in zip(times[over], times[under], strict=True))
+
+    measured: dict[str, dict[str, object]] = {}
+    for cache, times in samples.items():
+        raw_s, beton_s, ffcv_s = (median(times[k]) for k in ("raw", "write_beton", "ffcv"))
+        measured[cache] = {
+            "raw_read_seconds": raw_s,
+            "raw_read_MB_per_s": store_bytes / MB / raw_s,
+            "write_beton_seconds": beton_s,
+            "write_beton_MB_per_s": store_bytes / MB / beton_s,
+            "ratio_beton_to_raw": paired(cache, "raw", "write_beton"),
+            "ffcv_seconds": ffcv_s,
+            "ffcv_MB_per_s": store_bytes / MB / ffcv_s,
+            "ratio_ffcv_to_raw": paired(cache, "raw", "ffcv"),
+            "beton_bytes": beton_bytes,
+            "ffcv_beton_bytes": ffcv_bytes,
+            "load_1min": loads[cache],
+            "samples_seconds": times,
+        }
+        if "copy" in times:
+            measured[cache].update(
+                {
+                    "copy_seconds": median(times["copy"]),
+                    "ratio_copy_to_raw": paired(cache, "raw", "copy"),
+                    "ratio_beton_to_copy": paired(cache, "copy", "write_beton"),
+                }
+            )
+    floor_medians = {k: median(v) for k, v in floors.items()}
     return {
         "models": MODELS,
         "n_features": n_features,
@@ -435,11 +515,15 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "store_after_writes": after_write,
         "beton_allocated_bytes": allocated_bytes(beton),
         "beton_workers": "default (threads: CPU count, at most 8)",
-        "write_only_seconds": floors,
-        "write_only_MB_per_s_of_store_bytes": {k: store_bytes / MB / v for k, v in floors.items()},
+        "repeats": args.store_repeats,
+        "write_only_seconds": floor_medians,
+        "write_only_samples_seconds": floors,
+        "write_only_MB_per_s_of_store_bytes": {
+            k: store_bytes / MB / v for k, v in floor_medians.items()
+        },
         "ratio_write_only_to_raw": {
-            cache: {k: m["raw_read_seconds"] / v for k, v in floors.items()}
-            for cache, m in measured.items()
+            cache: {k: median(times["raw"]) / v for k, v in floor_medians.items()}
+            for cache, times in samples.items()
         },
         "read": measured,
     }
@@ -539,6 +623,7 @@ def main() -> int:
     parser.add_argument("--partitions-per-run", type=int, default=20)
     parser.add_argument("--runs-seconds", type=float, default=300.0)
     parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--store-repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/scale.json"))
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -628,6 +713,12 @@ def main() -> int:
                 f"{m['ratio_beton_to_raw']:10.3f} {m['ffcv_MB_per_s']:10.0f} "
                 f"{m['ratio_ffcv_to_raw']:9.3f}"
             )
+        cold = s["read"]["cold"]
+        print(
+            f"copy floor (read the rows cold, write the dataset's bytes, fsynced; one thread): "
+            f"{cold['copy_seconds']:.2f} s, {cold['ratio_copy_to_raw']:.3f} of the cold raw read; "
+            f"write_beton at {cold['ratio_beton_to_copy']:.2f} of its speed"
+        )
         for name, seconds in s["write_only_seconds"].items():
             ratios = s["ratio_write_only_to_raw"]
             print(
