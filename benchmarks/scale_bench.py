@@ -418,7 +418,9 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
     for repeat in range(args.store_repeats):
         for cache in ("cold", "warm"):
             times = samples[cache]
-            for name in times:  # alternating, each from the same cache state
+            # alternating, each from the same cache state; in this order: the copy writes as
+            # many bytes as the dataset write_beton wrote before it
+            for name in times:
                 for out in (beton, ffcv_beton, copy_out):
                     out.unlink(missing_ok=True)
                 if cache == "cold":
@@ -475,9 +477,11 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
         times = samples[cache]
         return median(a / b for a, b in zip(times[over], times[under], strict=True))
 
+    raw_median = {cache: median(times["raw"]) for cache, times in samples.items()}
     measured: dict[str, dict[str, object]] = {}
     for cache, times in samples.items():
-        raw_s, beton_s, ffcv_s = (median(times[k]) for k in ("raw", "write_beton", "ffcv"))
+        raw_s = raw_median[cache]
+        beton_s, ffcv_s = (median(times[k]) for k in ("write_beton", "ffcv"))
         measured[cache] = {
             "raw_read_seconds": raw_s,
             "raw_read_MB_per_s": store_bytes / MB / raw_s,
@@ -522,8 +526,8 @@ def store_and_beton(args: argparse.Namespace, work: Path) -> dict[str, object]:
             k: store_bytes / MB / v for k, v in floor_medians.items()
         },
         "ratio_write_only_to_raw": {
-            cache: {k: median(times["raw"]) / v for k, v in floor_medians.items()}
-            for cache, times in samples.items()
+            cache: {k: raw / v for k, v in floor_medians.items()}
+            for cache, raw in raw_median.items()
         },
         "read": measured,
     }
